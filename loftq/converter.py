@@ -1,0 +1,258 @@
+"""Orchestration of one conversion: plan, convert shard by shard, then write the small files.
+
+Order matters for the "never looks complete" promise: ``manifest.json`` is removed first
+and written last, so a directory with a manifest is always a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from loftq.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+from loftq.backbone import Backbone
+from loftq.checkpoint import INDEX_NAME, SourceCheckpoint, discover
+from loftq.errors import InvalidOptions, LoftQError
+from loftq.journal import Journal
+from loftq.options import ConvertOptions
+from loftq.quantizers import get_quantizer
+from loftq.report import LayerReport, ProgressEvent, Report, summarize
+from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_file
+from loftq.shard import convert_shard
+from loftq.storage import Destination, Source
+from loftq.targets import ModelLayout, resolve_layout
+
+REPORT_NAME = "loftq_report.json"
+MANIFEST_NAME = "manifest.json"
+REPORT_FORMAT_VERSION = 1
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidOptions(f"unknown device {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptions(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("loftq-service", "torch", "transformers", "safetensors", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class _Outputs:
+    """Publishes output files and remembers their size and sha256 for the manifest."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self.files: dict[str, dict] = {}
+
+    def add(self, name: str, size: int, sha256: str) -> None:
+        self.files[name] = {"path": name, "size": size, "sha256": sha256}
+
+    def publish(self, name: str, sha256: str | None = None) -> Path:
+        path = self.destination.staging_path(name)
+        self.add(name, path.stat().st_size, sha256 or sha256_file(path))
+        self.destination.publish(name)
+        return path
+
+    def write_json(self, name: str, data: object) -> None:
+        self.destination.staging_path(name).write_text(json.dumps(data, indent=2) + "\n")
+        self.publish(name)
+
+
+def _checkpoint_keys(source: Source, checkpoint: SourceCheckpoint) -> set[str]:
+    if checkpoint.index is not None:
+        return set(checkpoint.index["weight_map"])
+    with source.open_local(checkpoint.shards[0]) as path:
+        return set(read_header(path).tensors)
+
+
+def _read_json(source: Source, name: str) -> dict:
+    with source.open_local(name) as path:
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise LoftQError(f"invalid JSON: {exc}", path=name) from exc
+
+
+def plan(source: Source, options: ConvertOptions) -> tuple[SourceCheckpoint, dict, ModelLayout]:
+    """Everything that can be checked before any output is written."""
+    files = source.list_files()
+    index_text = None
+    if INDEX_NAME in files:
+        with source.open_local(INDEX_NAME) as path:
+            index_text = path.read_text()
+    checkpoint = discover(files, index_text)
+    config = _read_json(source, "config.json")
+    layout = resolve_layout(config, _checkpoint_keys(source, checkpoint), options)
+    too_small = [t.module for t in layout.targets.values() if options.rank > min(t.shape)]
+    if too_small:
+        raise InvalidOptions(f"rank {options.rank} exceeds the smaller dimension of {too_small[:3]} ({len(too_small)} layers)")
+    return checkpoint, config, layout
+
+
+def convert(
+    source: Source,
+    destination: Destination,
+    options: ConvertOptions | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Report:
+    """Turn ``source`` into a LoftQ checkpoint at ``destination`` and return the report.
+
+    Raises a :class:`loftq.errors.LoftQError` subclass for bad input or cancellation; the
+    destination then holds no ``manifest.json``.
+    """
+    options = options or ConvertOptions()
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    emit = on_progress or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    checkpoint, config, layout = plan(source, options)
+    backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
+    options_json = options.model_dump_json(exclude={"device"})
+    journal = Journal(destination, options_json)
+    outputs = _Outputs(destination)
+    destination.remove(MANIFEST_NAME)
+
+    for name in checkpoint.aux_files:
+        with source.open_local(name) as path:
+            if name == "config.json":
+                data = backbone.config_update(json.loads(path.read_text()), layout)
+                destination.staging_path(name).write_text(json.dumps(data, indent=2) + "\n")
+            else:
+                destination.staging_path(name).write_bytes(path.read_bytes())
+        outputs.publish(name)
+
+    total = len(layout.targets)
+    layers: list[LayerReport] = []
+    resumed = 0
+    shards_total = len(checkpoint.shards)
+
+    def progress(stage: str, shards_done: int, **fields: object) -> None:
+        emit(ProgressEvent(stage, len(layers), total, shards_done, shards_total, **fields))
+
+    progress("start", 0)
+    for done, shard in enumerate(checkpoint.shards):
+        record = journal.finished(shard)
+        if record is not None:
+            layers.extend(record["layers"])
+            outputs.add(shard, record["size"], record["sha256"])
+            resumed += 1
+            progress("shard", done + 1, shard=shard, skipped=True)
+            continue
+
+        def on_layer(layer: LayerReport) -> None:
+            layers.append(layer)
+            progress("layer", done, layer=layer, shard=shard)
+
+        with source.open_local(shard) as in_path:
+            result = convert_shard(
+                in_path,
+                destination.staging_path(shard),
+                shard,
+                layout,
+                backbone,
+                device,
+                on_layer=on_layer,
+                should_stop=stop,
+            )
+        outputs.publish(shard, result.sha256)
+        journal.record(shard, result.sha256, result.size, result.layers, result.adapters)
+        progress("shard", done + 1, shard=shard, bytes_written=result.size)
+
+    progress("finalize", shards_total)
+    if checkpoint.index is not None:
+        outputs.write_json(INDEX_NAME, _output_index(checkpoint, destination))
+    _write_adapters(journal, checkpoint.shards, outputs)
+    outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
+
+    peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    report = Report(
+        format_version=REPORT_FORMAT_VERSION,
+        source=source.name,
+        architecture=layout.architecture,
+        options=options.model_dump(mode="json"),
+        scaling=options.scaling,
+        device=str(device),
+        versions=_versions(),
+        summary=summarize(
+            layers,
+            seconds=time.perf_counter() - started,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            peak_device_mb=peak_device,
+            shards=shards_total,
+            shards_resumed=resumed,
+        ),
+        layers=layers,
+    )
+    outputs.write_json(REPORT_NAME, report.to_dict())
+    manifest = {"files": sorted(outputs.files.values(), key=lambda f: f["path"])}
+    destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    destination.publish(MANIFEST_NAME)
+    journal.clear()
+    progress("done", shards_total)
+    return report
+
+
+def _output_index(checkpoint: SourceCheckpoint, destination: Destination) -> dict:
+    """Same shards and names as the source; new entries of packed weights map to their shard."""
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for shard in checkpoint.shards:
+        with destination.open_local(shard) as path:
+            header = read_header(path)
+        for name, info in header.tensors.items():
+            weight_map[name] = shard
+            total_size += info.nbytes
+    metadata = {**(checkpoint.index or {}).get("metadata", {}), "total_size": total_size}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _write_adapters(journal: Journal, shards: list[str], outputs: _Outputs) -> None:
+    """Merge the per-shard adapter files into one, a tensor at a time."""
+    headers = []
+    for shard in shards:
+        with journal.destination.open_local(journal.adapters_name(shard)) as path:
+            headers.append(read_header(path))
+    entries = [(i.name, i.dtype, i.shape) for h in headers for i in h.tensors.values()]
+    path = journal.destination.staging_path(ADAPTER_WEIGHTS)
+    with ShardWriter(path, entries, {"format": "pt"}) as writer:
+        for shard, header in zip(shards, headers):
+            with journal.destination.open_local(journal.adapters_name(shard)) as shard_path:
+                for info in header.tensors.values():
+                    writer.write(info.name, read_tensor(shard_path, info))
+        sha256 = writer.close()
+    outputs.publish(ADAPTER_WEIGHTS, sha256)
+
+
+def convert_directory(source: str | Path, output: str | Path, options: ConvertOptions | None = None, **kwargs) -> Report:
+    """Convenience wrapper for local directories."""
+    from loftq.storage import LocalDestination, LocalSource
+
+    return convert(LocalSource(source), LocalDestination(output), options, **kwargs)
+
+
+

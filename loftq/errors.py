@@ -1,0 +1,49 @@
+"""Typed errors of the engine.
+
+Every error carries a stable machine-readable ``code`` so that callers (CLI, job service)
+can map it to an exit status or an HTTP response in one place.
+"""
+
+from __future__ import annotations
+
+
+class LoftQError(Exception):
+    """Base class: something about the request or its input is wrong."""
+
+    code = "loftq_error"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class InvalidOptions(LoftQError):
+    code = "invalid_options"
+
+
+class SourceNotFound(LoftQError):
+    code = "source_not_found"
+
+
+class UnsupportedCheckpoint(LoftQError):
+    """A checkpoint we refuse on principle (pickle files) or cannot interpret."""
+
+    code = "unsupported_checkpoint"
+
+
+class CorruptCheckpoint(LoftQError):
+    """A safetensors file or index that contradicts itself or the bytes on disk."""
+
+    code = "corrupt_checkpoint"
+
+
+class NoTargetModules(LoftQError):
+    code = "no_target_modules"
+
+
+class Cancelled(LoftQError):
+    code = "cancelled"
+
+
+class MissingDependency(LoftQError):
+    code = "missing_dependency"

@@ -1,0 +1,70 @@
+"""Typed, validated settings of one conversion.
+
+The same model is used by the CLI, the Python API and (later) the job service, so a
+setting means the same thing and is checked the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QuantName = Literal["nf4", "fp4", "int8", "int", "nf2", "nf3"]
+SvdMethod = Literal["exact", "randomized"]
+BackboneFormat = Literal["dequantized", "bnb-4bit"]
+DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
+
+ALL_LINEAR = "all-linear"
+
+
+class ConvertOptions(BaseModel):
+    """Everything that decides the numbers in a LoftQ checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quant: QuantName = Field("nf4", description="Quantizer family: nf4, fp4, int8 (row-wise), int (uniform block-wise), nf2, nf3.")
+    bits: int = Field(4, ge=2, le=8, description="Bits per weight. nf4/fp4 are 4, int8 is 8, nf2/nf3 are 2/3, int takes 2..8.")
+    blocksize: int = Field(64, ge=16, le=4096, description="Elements per absmax block (block-wise quantizers).")
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling = alpha/r (alpha/sqrt(r) with rslora).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    iters: int = Field(1, ge=1, le=100, description="LoftQ alternating iterations T.")
+    svd: SvdMethod = Field("randomized", description="Low-rank solver: exact SVD or randomized SVD.")
+    svd_oversample: int = Field(32, ge=0, description="Extra columns of the randomized range finder.")
+    svd_power_iters: int = Field(8, ge=0, description="Power iterations of the randomized range finder.")
+    seed: int = Field(0, description="Seed of the randomized solver (results are reproducible).")
+    target_modules: str | list[str] = Field(
+        ALL_LINEAR,
+        description="'all-linear', a list of module-name suffixes (e.g. q_proj), or a regex matched in full against module names.",
+    )
+    backbone_format: BackboneFormat = Field(
+        "dequantized",
+        description="'dequantized': Q in the source dtype (load with BitsAndBytesConfig); 'bnb-4bit': bitsandbytes 4-bit serialization.",
+    )
+    device: DeviceName = Field("auto", description="Compute device: auto (cuda if available), cpu, cuda, cuda:N.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or any(not name.strip() for name in value):
+                raise ValueError("target_modules list must hold non-empty module names")
+        elif not value.strip():
+            raise ValueError("target_modules must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _bits_match_quant(self) -> ConvertOptions:
+        fixed = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
+        if self.quant in fixed and self.bits != fixed[self.quant]:
+            raise ValueError(f"quant={self.quant} is a {fixed[self.quant]}-bit format, got bits={self.bits}")
+        if self.backbone_format == "bnb-4bit" and self.quant not in ("nf4", "fp4"):
+            raise ValueError("backbone_format='bnb-4bit' needs quant nf4 or fp4")
+        return self
+
+    @property
+    def scaling(self) -> float:
+        """The factor PEFT applies to B·A at run time."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)

@@ -1,0 +1,108 @@
+"""Convert one safetensors shard: stream tensors in, fit each target, stream tensors out.
+
+Only one tensor (plus its fit) is in memory at a time; non-target tensors are copied as raw
+bytes, so they are byte-identical to the source.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loftq.adapter import lora_keys
+from loftq.algorithm import fit_layer
+from loftq.backbone import Backbone
+from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
+from loftq.report import LayerReport
+from loftq.safetensors_io import SafetensorsHeader, ShardWriter, read_header, read_tensor
+from loftq.targets import ModelLayout, Target
+
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+@dataclass
+class ShardResult:
+    sha256: str
+    size: int
+    layers: list[LayerReport]
+    adapters: dict[str, torch.Tensor]  # PEFT key -> fp32 CPU tensor
+
+
+def _check_target(header: SafetensorsHeader, target: Target) -> None:
+    info = header.tensors[target.key]
+    expected = target.shape[::-1] if target.fan_in_fan_out else target.shape
+    if info.dtype not in _FLOAT_DTYPES:
+        raise UnsupportedCheckpoint(
+            f"target weight {target.key} has dtype {info.dtype}; LoftQ needs a floating-point checkpoint", path=header.path
+        )
+    if tuple(info.shape) != tuple(expected):
+        raise CorruptCheckpoint(
+            f"tensor {target.key} has shape {list(info.shape)} but config.json implies {list(expected)}", path=header.path
+        )
+
+
+def shard_targets(header: SafetensorsHeader, layout: ModelLayout) -> list[Target]:
+    targets = [layout.targets[name] for name in header.tensors if name in layout.targets]
+    for target in targets:
+        _check_target(header, target)
+    return targets
+
+
+def convert_shard(
+    in_path: Path,
+    out_path: Path,
+    shard: str,
+    layout: ModelLayout,
+    backbone: Backbone,
+    device: torch.device,
+    *,
+    on_layer: Callable[[LayerReport], None],
+    should_stop: Callable[[], bool],
+) -> ShardResult:
+    header = read_header(in_path)
+    shard_targets(header, layout)
+    quantizer = backbone.quantizer
+    entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
+    layers: list[LayerReport] = []
+    adapters: dict[str, torch.Tensor] = {}
+    with ShardWriter(out_path, entries, header.metadata) as writer:
+        for info in header.tensors.values():
+            target = layout.targets.get(info.name)
+            if target is None:
+                writer.write(info.name, read_tensor(in_path, info))
+                continue
+            if should_stop():
+                raise Cancelled("conversion cancelled")
+            started = time.perf_counter()
+            weight = read_tensor(in_path, info).to(device)
+            weight = weight.T if target.fan_in_fan_out else weight
+            fit = fit_layer(
+                weight,
+                quantizer.fake_quantize,
+                backbone.options,
+                as_loaded=lambda q, dtype=info.torch_dtype: backbone.as_loaded(q, dtype),
+            )
+            for name, tensor in backbone.tensors(info, target, fit.q.cpu()):
+                writer.write(name, tensor)
+            key_a, key_b = lora_keys(target.module)
+            adapters[key_a], adapters[key_b] = fit.lora_a.cpu(), fit.lora_b.cpu()
+            layer = LayerReport(
+                module=target.module,
+                key=target.key,
+                shard=shard,
+                shape=target.shape,
+                fan_in_fan_out=target.fan_in_fan_out,
+                error_quant=fit.error_quant,
+                error=fit.error,
+                iter_errors=fit.iter_errors,
+                best_iter=fit.best_iter,
+                seconds=time.perf_counter() - started,
+            )
+            layers.append(layer)
+            on_layer(layer)
+        sha256 = writer.close()
+    return ShardResult(sha256=sha256, size=out_path.stat().st_size, layers=layers, adapters=adapters)

@@ -1,0 +1,136 @@
+"""Which checkpoint tensors are LoRA targets, decided the way PEFT decides it.
+
+The architecture is built on the meta device from config.json (no weights, no memory), so
+"all-linear", names and regexes are matched against real module names and module types,
+exactly as PEFT will match them when the adapter is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from loftq.errors import NoTargetModules, UnsupportedCheckpoint
+from loftq.options import ALL_LINEAR, ConvertOptions
+
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str  # module name in the loaded model, as PEFT sees it
+    key: str  # tensor name in the checkpoint
+    fan_in_fan_out: bool  # GPT-2-style Conv1D: stored in×out
+    shape: tuple[int, int]  # out×in, as the architecture defines it
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    architecture: str
+    task_type: str | None
+    targets: dict[str, Target]  # by checkpoint key
+    linear_modules: list[str]  # every Linear/Conv1D module, targeted or not
+    output_embedding: str | None
+
+
+def _build_meta_model(config_dict: dict) -> torch.nn.Module:
+    import transformers
+
+    if "auto_map" in config_dict:
+        raise UnsupportedCheckpoint(
+            "the model needs trust_remote_code (custom modelling code); only architectures built into transformers are supported",
+            path="config.json",
+        )
+    model_type = config_dict.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise UnsupportedCheckpoint(f"unknown model_type {model_type!r}", path="config.json")
+    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if model_class is not None:
+            return model_class(config)
+        return transformers.AutoModel.from_config(config)
+
+
+def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
+    """(is a LoRA-able linear layer, is stored in×out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return True, True
+    return isinstance(module, torch.nn.Linear), False
+
+
+def _selected(name: str, spec: str | list[str]) -> bool:
+    if isinstance(spec, list):
+        return any(name == t or name.endswith("." + t) for t in spec)
+    return re.fullmatch(spec, name) is not None
+
+
+def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOptions) -> ModelLayout:
+    """Match the options' target_modules against the model that ``config`` (config.json) describes."""
+    try:
+        model = _build_meta_model(config)
+    except UnsupportedCheckpoint:
+        raise
+    except Exception as exc:  # transformers raises many kinds for unknown/odd configs
+        raise UnsupportedCheckpoint(f"cannot build the architecture from config.json: {exc}", path="config.json") from exc
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_name = next((n for n, m in model.named_modules() if output is not None and m is output), None)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    spec = options.target_modules
+    if isinstance(spec, str) and spec != ALL_LINEAR:
+        try:
+            re.compile(spec)
+        except re.error as exc:
+            raise NoTargetModules(f"target_modules is not a valid regular expression: {exc}") from exc
+
+    linear: list[str] = []
+    targets: dict[str, Target] = {}
+    matched_names: set[str] = set()
+    for name, module in model.named_modules():
+        is_linear, transposed = _is_linear(module)
+        if not is_linear:
+            continue
+        linear.append(name)
+        if spec == ALL_LINEAR:
+            if name == output_name:
+                continue
+        elif not _selected(name, spec):
+            continue
+        key = _checkpoint_key(f"{name}.weight", prefix, checkpoint_keys)
+        if key is None:  # tied or absent from this checkpoint
+            continue
+        rows, cols = module.weight.shape
+        shape = (cols, rows) if transposed else (rows, cols)
+        targets[key] = Target(module=name, key=key, fan_in_fan_out=transposed, shape=shape)
+        if isinstance(spec, list):
+            matched_names.update(t for t in spec if name == t or name.endswith("." + t))
+
+    if isinstance(spec, list) and (missing := sorted(set(spec) - matched_names)):
+        raise NoTargetModules(f"target_modules {missing} match no linear layer of this model")
+    if not targets:
+        raise NoTargetModules(f"target_modules={spec!r} matches no linear layer of this model")
+    architecture = type(model).__name__
+    task_type = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
+    return ModelLayout(architecture, task_type, targets, linear, output_name)
+
+
+def _checkpoint_key(param: str, prefix: str, keys: set[str]) -> str | None:
+    """The checkpoint may or may not carry the base-model prefix (e.g. ``bert.``)."""
+    candidates = [param]
+    if prefix:
+        candidates += [f"{prefix}.{param}", param.removeprefix(f"{prefix}.")]
+    return next((c for c in candidates if c in keys), None)
