@@ -10,7 +10,6 @@ import json
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
