@@ -62,7 +62,7 @@ def convert(
             bits=bits if bits is not None else fixed_bits.get(quant, 4),
             blocksize=blocksize,
             rank=rank,
-            lora_alpha=alpha if alpha is not None else float(rank),
+            lora_alpha=alpha,
             use_rslora=rslora,
             iters=iters,
             svd=svd,

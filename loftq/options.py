@@ -28,7 +28,7 @@ class ConvertOptions(BaseModel):
     bits: int = Field(4, ge=2, le=8, description="Bits per weight. nf4/fp4 are 4, int8 is 8, nf2/nf3 are 2/3, int takes 2..8.")
     blocksize: int = Field(64, ge=16, le=4096, description="Elements per absmax block (block-wise quantizers).")
     rank: int = Field(16, ge=1, description="LoRA rank r.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling = alpha/r (alpha/sqrt(r) with rslora).")
+    lora_alpha: float = Field(None, gt=0, description="LoRA alpha (default: r); scaling = alpha/r (alpha/sqrt(r) with rslora).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     iters: int = Field(1, ge=1, le=100, description="LoftQ alternating iterations T.")
     svd: SvdMethod = Field("randomized", description="Low-rank solver: exact SVD or randomized SVD.")
@@ -44,6 +44,14 @@ class ConvertOptions(BaseModel):
         description="'dequantized': Q in the source dtype (load with BitsAndBytesConfig); 'bnb-4bit': bitsandbytes 4-bit serialization.",
     )
     device: DeviceName = Field("auto", description="Compute device: auto (cuda if available), cpu, cuda, cuda:N.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_defaults_to_rank(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("lora_alpha") is None:
+            rank = data.get("rank", 16)
+            return {**data, "lora_alpha": rank if isinstance(rank, int) else None}
+        return data
 
     @field_validator("target_modules")
     @classmethod
