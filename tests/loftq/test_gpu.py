@@ -1,0 +1,31 @@
+"""The same engine on CUDA: selected by device, no separate code path. Runs where CUDA exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loftq import ConvertOptions, convert_directory
+from loftq.quantizers import get_quantizer
+
+pytestmark = pytest.mark.gpu
+
+
+def test_quantizers_give_the_same_codes_on_cuda() -> None:
+    weight = torch.randn(384, 1536)
+    for quant, bits in [("nf4", 4), ("fp4", 4), ("int8", 8), ("int", 3), ("nf3", 3)]:
+        quantizer = get_quantizer(quant, bits)
+        on_cpu, on_gpu = quantizer.quantize(weight), quantizer.quantize(weight.cuda())
+        assert torch.equal(on_cpu.codes, on_gpu.codes.cpu()), quant
+        assert torch.equal(on_cpu.scales, on_gpu.scales.cpu()), quant
+
+
+def test_conversion_on_cuda_matches_cpu(tiny_llama: Path, tmp_path: Path) -> None:
+    options = ConvertOptions(rank=8, iters=3, svd="exact")
+    on_cpu = convert_directory(tiny_llama, tmp_path / "cpu", options.model_copy(update={"device": "cpu"}))
+    on_gpu = convert_directory(tiny_llama, tmp_path / "gpu", options.model_copy(update={"device": "cuda"}))
+    assert on_gpu.device.startswith("cuda") and on_gpu.summary.peak_device_mb is not None
+    for cpu_layer, gpu_layer in zip(on_cpu.layers, on_gpu.layers):
+        assert gpu_layer.error == pytest.approx(cpu_layer.error, rel=1e-3)
