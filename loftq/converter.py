@@ -155,31 +155,32 @@ def convert(
 
     progress("start", 0)
     for done, shard in enumerate(checkpoint.shards):
-        record = journal.finished(shard)
-        if record is not None:
-            layers.extend(record["layers"])
-            outputs.add(shard, record["size"], record["sha256"])
-            resumed += 1
-            progress("shard", done + 1, shard=shard, skipped=True)
-            continue
 
         def on_layer(layer: LayerReport) -> None:
             layers.append(layer)
             progress("layer", done, layer=layer, shard=shard)
 
         with source.open_local(shard) as in_path:
-            result = convert_shard(
-                in_path,
-                destination.staging_path(shard),
-                shard,
-                layout,
-                backbone,
-                device,
-                on_layer=on_layer,
-                should_stop=stop,
-            )
+            record = journal.finished(shard, lambda: sha256_file(in_path))
+            if record is None:
+                result = convert_shard(
+                    in_path,
+                    destination.staging_path(shard),
+                    shard,
+                    layout,
+                    backbone,
+                    device,
+                    on_layer=on_layer,
+                    should_stop=stop,
+                )
+        if record is not None:
+            layers.extend(record["layers"])
+            outputs.add(shard, record["size"], record["sha256"])
+            resumed += 1
+            progress("shard", done + 1, shard=shard, skipped=True)
+            continue
         outputs.publish(shard, result.sha256)
-        journal.record(shard, result.sha256, result.size, result.layers, result.adapters)
+        journal.record(shard, result.source_sha256, result.sha256, result.size, result.layers, result.adapters)
         progress("shard", done + 1, shard=shard, bytes_written=result.size)
 
     progress("finalize", shards_total)

@@ -2,14 +2,17 @@
 
 Output shard i depends on input shard i alone. When a shard is finished, its adapters and
 layer reports are written beside the output under ``.loftq-partial/`` together with the
-shard's sha256 and a fingerprint of the options. A later run skips every shard whose record
-matches its options and whose output file still hashes to the recorded value.
+shard's sha256, the input shard's sha256 and a fingerprint of the options. A later run skips
+every shard whose record matches its options and whose output and input files still hash to
+the recorded values (a re-saved source with the same file names is converted again). The
+input is hashed while it is converted, so only a resumed shard costs an extra read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -19,7 +22,7 @@ from loftq.report import LayerReport
 from loftq.storage import Destination
 
 JOURNAL_DIR = ".loftq-partial"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records are bound to the input shard's sha256
 
 
 def fingerprint(options_json: str, shard: str) -> str:
@@ -39,8 +42,10 @@ class Journal:
     def adapters_name(shard: str) -> str:
         return f"{JOURNAL_DIR}/{shard}.adapters.safetensors"
 
-    def finished(self, shard: str) -> dict | None:
-        """The shard's record if the shard is done with these options and intact on disk."""
+    def finished(self, shard: str, source_sha256: Callable[[], str]) -> dict | None:
+        """The shard's record if it was done with these options from this input and is intact.
+
+        ``source_sha256`` is called only when everything else matches: it reads the input."""
         text = self.destination.read_text(self.record_name(shard))
         if text is None:
             return None
@@ -54,15 +59,26 @@ class Journal:
             return None
         if self.destination.sha256(self.adapters_name(shard)) is None:
             return None
+        if record.get("source_sha256") != source_sha256():
+            return None
         record["layers"] = [LayerReport.from_dict(layer) for layer in record["layers"]]
         return record
 
-    def record(self, shard: str, sha256: str, size: int, layers: list[LayerReport], adapters: dict[str, torch.Tensor]) -> None:
+    def record(
+        self,
+        shard: str,
+        source_sha256: str,
+        sha256: str,
+        size: int,
+        layers: list[LayerReport],
+        adapters: dict[str, torch.Tensor],
+    ) -> None:
         adapters_name = self.adapters_name(shard)
         save_file(adapters, str(self.destination.staging_path(adapters_name)))
         self.destination.publish(adapters_name)
         record = {
             "fingerprint": fingerprint(self.options_json, shard),
+            "source_sha256": source_sha256,
             "sha256": sha256,
             "size": size,
             "layers": [asdict(layer) for layer in layers],

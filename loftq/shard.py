@@ -6,6 +6,7 @@ bytes, so they are byte-identical to the source.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from loftq.algorithm import fit_layer
 from loftq.backbone import Backbone
 from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
 from loftq.report import LayerReport
-from loftq.safetensors_io import SafetensorsHeader, ShardWriter, read_header, read_tensor
+from loftq.safetensors_io import SafetensorsHeader, ShardWriter, read_header, read_tensor, tensor_bytes
 from loftq.targets import ModelLayout, Target
 
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
@@ -26,6 +27,7 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 @dataclass
 class ShardResult:
+    source_sha256: str  # of the input file, hashed while it was read
     sha256: str
     size: int
     layers: list[LayerReport]
@@ -69,16 +71,22 @@ def convert_shard(
     entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
     layers: list[LayerReport] = []
     adapters: dict[str, torch.Tensor] = {}
+    # Tensors are contiguous and cover the file (read_header checks), so hashing the header
+    # and then every tensor in order hashes the whole input without reading it twice.
+    with open(in_path, "rb") as handle:
+        source_hash = hashlib.sha256(handle.read(header.data_start))
     with ShardWriter(out_path, entries, header.metadata) as writer:
         for info in header.tensors.values():
+            tensor = read_tensor(in_path, info)
+            source_hash.update(tensor_bytes(tensor))
             target = layout.targets.get(info.name)
             if target is None:
-                writer.write(info.name, read_tensor(in_path, info))
+                writer.write(info.name, tensor)
                 continue
             if should_stop():
                 raise Cancelled("conversion cancelled")
             started = time.perf_counter()
-            weight = read_tensor(in_path, info).to(device)
+            weight = tensor.to(device)
             weight = weight.T if target.fan_in_fan_out else weight
             fit = fit_layer(
                 weight,
@@ -105,4 +113,10 @@ def convert_shard(
             layers.append(layer)
             on_layer(layer)
         sha256 = writer.close()
-    return ShardResult(sha256=sha256, size=out_path.stat().st_size, layers=layers, adapters=adapters)
+    return ShardResult(
+        source_sha256=source_hash.hexdigest(),
+        sha256=sha256,
+        size=out_path.stat().st_size,
+        layers=layers,
+        adapters=adapters,
+    )

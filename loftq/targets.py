@@ -18,6 +18,7 @@ from loftq.options import ALL_LINEAR, ConvertOptions
 
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
     "ForSequenceClassification": "SEQ_CLS",
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
