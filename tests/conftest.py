@@ -24,24 +24,28 @@ def _save(model: torch.nn.Module, path: Path, max_shard_size: str | None = None)
     return path
 
 
+def _llama(path: Path, seed: int, dtype: torch.dtype, max_shard_size: str | None = None, **config: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
+    model = LlamaForCausalLM(LlamaConfig(**{**shape, **config})).to(dtype)
+    return _save(model, path, max_shard_size)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bf16, sharded into several files, untied lm_head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
+    return _llama(
+        tmp_path_factory.mktemp("tiny-llama"),
+        seed=0,
+        dtype=torch.bfloat16,
+        max_shard_size="60KB",
         intermediate_size=192,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    return _save(model, tmp_path_factory.mktemp("tiny-llama"), max_shard_size="60KB")
 
 
 @pytest.fixture(scope="session")
@@ -80,19 +84,7 @@ def minilm() -> Path:
 @pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 Llama whose down_proj rows (160) are not a multiple of the 64-element block."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return _save(LlamaForCausalLM(config), tmp_path_factory.mktemp("odd-llama"))
+    return _llama(tmp_path_factory.mktemp("odd-llama"), seed=3, dtype=torch.float32, intermediate_size=160, num_hidden_layers=1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
