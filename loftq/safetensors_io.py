@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -237,10 +238,23 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo, device: str | to
     ``info`` comes from ``read_header(path)``; the header length is re-read (8 bytes) to
     locate the data buffer, so a ``TensorInfo`` stays independent of its file.
     """
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    for _ in iter_tensor_bytes(path, info, into=memoryview(buffer.numpy())):
+        pass
+    tensor = buffer.view(info.torch_dtype).reshape(info.shape)
+    return tensor if torch.device(device).type == "cpu" else tensor.to(device)
+
+
+def iter_tensor_bytes(
+    path: str | os.PathLike[str], info: TensorInfo, *, chunk: int = 8 << 20, into: memoryview | None = None
+) -> Iterator[memoryview]:
+    """Yield one tensor's raw bytes in pieces, so a tensor can be copied without holding it.
+
+    With ``into`` (a buffer of ``info.nbytes``) the pieces are read straight into it.
+    """
     p = os.fspath(path)
     nbytes = info.nbytes
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    buffer = into if into is not None else memoryview(bytearray(min(chunk, nbytes)))
     try:
         with open(p, "rb", buffering=0) as f:
             head = f.read(8)
@@ -249,16 +263,16 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo, device: str | to
             f.seek(8 + int.from_bytes(head, "little") + info.begin)
             done = 0
             while done < nbytes:
-                n = f.readinto(view[done:])
+                window = buffer[done:] if into is not None else buffer[: min(len(buffer), nbytes - done)]
+                n = f.readinto(window)
                 if not n:
                     raise CorruptCheckpoint(
                         f"tensor {info.name!r}: file ended after {done} of its {nbytes} bytes", path=p
                     )
                 done += n
+                yield window[:n]
     except FileNotFoundError:
         raise SourceNotFound("no such file", path=p) from None
-    tensor = buffer.view(info.torch_dtype).reshape(info.shape)
-    return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -367,6 +381,22 @@ class ShardWriter:
         if tuple(tensor.shape) != info.shape:
             raise ValueError(f"{self.path}: tensor {name!r} has shape {tuple(tensor.shape)}, declared {info.shape}")
         self._emit(tensor_bytes(tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()))
+        self._next += 1
+
+    def copy(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        """Append the next tensor from its raw bytes (already in the declared dtype and shape)."""
+        self._check_open()
+        if self._next >= len(self._entries) or self._entries[self._next].name != name:
+            raise ValueError(f"{self.path}: tensor {name!r} is not the next declared entry")
+        info = self._entries[self._next]
+        written = 0
+        for chunk in chunks:
+            written += len(chunk)
+            if written > info.nbytes:
+                raise ValueError(f"{self.path}: tensor {name!r} got more than its {info.nbytes} bytes")
+            self._emit(chunk)
+        if written != info.nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} got {written} of its {info.nbytes} bytes")
         self._next += 1
 
     def close(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,15 @@ from loftq.algorithm import fit_layer
 from loftq.backbone import Backbone
 from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
 from loftq.report import LayerReport
-from loftq.safetensors_io import SafetensorsHeader, ShardWriter, read_header, read_tensor, tensor_bytes
+from loftq.memory import release_freed_memory
+from loftq.safetensors_io import (
+    SafetensorsHeader,
+    ShardWriter,
+    iter_tensor_bytes,
+    read_header,
+    read_tensor,
+    tensor_bytes,
+)
 from loftq.targets import ModelLayout, Target
 
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
@@ -45,6 +53,12 @@ def _check_target(header: SafetensorsHeader, target: Target) -> None:
         raise CorruptCheckpoint(
             f"tensor {target.key} has shape {list(info.shape)} but config.json implies {list(expected)}", path=header.path
         )
+
+
+def _hashed(chunks: Iterator[memoryview], digest: hashlib._Hash) -> Iterator[memoryview]:
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
 
 
 def shard_targets(header: SafetensorsHeader, layout: ModelLayout) -> list[Target]:
@@ -77,14 +91,14 @@ def convert_shard(
         source_hash = hashlib.sha256(handle.read(header.data_start))
     with ShardWriter(out_path, entries, header.metadata) as writer:
         for info in header.tensors.values():
-            tensor = read_tensor(in_path, info)
-            source_hash.update(tensor_bytes(tensor))
             target = layout.targets.get(info.name)
-            if target is None:
-                writer.write(info.name, tensor)
+            if target is None:  # copied as raw bytes, a piece at a time
+                writer.copy(info.name, _hashed(iter_tensor_bytes(in_path, info), source_hash))
                 continue
             if should_stop():
                 raise Cancelled("conversion cancelled")
+            tensor = read_tensor(in_path, info)
+            source_hash.update(tensor_bytes(tensor))
             started = time.perf_counter()
             weight = tensor.to(device)
             weight = weight.T if target.fan_in_fan_out else weight
@@ -94,8 +108,8 @@ def convert_shard(
                 backbone.options,
                 as_loaded=lambda q, dtype=info.torch_dtype: backbone.as_loaded(q, dtype),
             )
-            for name, tensor in backbone.tensors(info, target, fit.q.cpu()):
-                writer.write(name, tensor)
+            for name, stored in backbone.tensors(info, target, fit.q.cpu()):
+                writer.write(name, stored)
             key_a, key_b = lora_keys(target.module)
             adapters[key_a], adapters[key_b] = fit.lora_a.cpu(), fit.lora_b.cpu()
             layer = LayerReport(
@@ -112,6 +126,8 @@ def convert_shard(
             )
             layers.append(layer)
             on_layer(layer)
+            del tensor, weight, fit
+            release_freed_memory()
         sha256 = writer.close()
     return ShardResult(
         source_sha256=source_hash.hexdigest(),
