@@ -1,0 +1,129 @@
+"""Request and response models of the jobs API (pydantic v2); the job record stored in Redis."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loftq.options import ConvertOptions
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+# Checked transitions: a finished job never changes state again.
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.queued: {JobState.running, JobState.cancelled, JobState.cancelling, JobState.failed},
+    JobState.running: {JobState.succeeded, JobState.failed, JobState.cancelling, JobState.queued},
+    JobState.cancelling: {JobState.cancelled, JobState.failed, JobState.succeeded},
+    JobState.succeeded: set(),
+    JobState.failed: set(),
+    JobState.cancelled: set(),
+}
+
+
+class JobCreate(BaseModel):
+    """Body of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        description="s3://bucket/prefix/, file:///path under an allowed root, or hf://org/name[@revision].",
+        examples=["s3://models/llama-3-8b/", "file:///models/minilm"],
+    )
+    output: str | None = Field(None, max_length=512, description="Artifact prefix (default: jobs/<id>/).")
+    options: ConvertOptions = Field(default_factory=ConvertOptions)
+    metadata: dict[str, str] = Field(default_factory=dict, description="Small string map kept with the job.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 32 or any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+            raise ValueError("metadata is limited to 32 entries, keys ≤ 64 and values ≤ 512 characters")
+        return value
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Progress(BaseModel):
+    stage: str = "queued"  # queued, downloading, converting, uploading, finalizing, done
+    layers_done: int = 0
+    layers_total: int = 0
+    shards_done: int = 0
+    shards_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    eta_seconds: float | None = None
+
+
+class JobSummary(BaseModel):
+    layers: int
+    mean_error_quant: float
+    mean_error: float
+    seconds: float
+
+
+class Artifact(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    url: str | None = None
+
+
+class Job(BaseModel):
+    """A job as stored and as returned by ``GET /v1/jobs/{id}``."""
+
+    id: str
+    state: JobState
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: JobCreate
+    output: str
+    progress: Progress = Field(default_factory=Progress)
+    error: ErrorInfo | None = None
+    summary: JobSummary | None = None
+    attempts: int = 0
+    tenant: str = "default"
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    has_more: bool
+    next_after: str | None = None
+
+
+class Event(BaseModel):
+    id: str  # stream cursor, pass as ``after=``
+    type: str  # "state" or "layer" or "progress"
+    time: datetime
+    data: dict
+
+
+class EventPage(BaseModel):
+    events: list[Event]
+    next_after: str | None = None
+
+
+class ArtifactList(BaseModel):
+    job_id: str
+    artifacts: list[Artifact]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,40 @@
+"""Service configuration from environment variables (prefix ``LOFTQ_``), shared by API and worker."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOFTQ_", env_file=None, extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Job store and Celery broker.")
+    queue: str = Field("loftq", description="Celery queue the GPU workers consume.")
+
+    storage: Literal["local", "s3"] = Field("local", description="Where artifacts go.")
+    local_storage_root: Path = Field(Path("./loftq-data/artifacts"), description="Artifact root for storage=local.")
+    s3_bucket: str = Field("loftq-artifacts", description="Artifact bucket for storage=s3.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset.")
+    s3_region: str = Field("us-east-1")
+    presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned download URLs.")
+
+    allowed_file_roots: list[Path] = Field(default_factory=list, description="Directories file:// sources may read.")
+    work_dir: Path = Field(Path("./loftq-data/work"), description="Worker scratch space (one source shard at a time).")
+    max_model_bytes: int = Field(200 * 2**30, ge=1, description="Largest source checkpoint accepted.")
+
+    job_retention_seconds: int = Field(30 * 24 * 3600, ge=60, description="How long finished job records are kept.")
+    job_timeout_seconds: int = Field(6 * 3600, ge=60, description="Longest job; the broker's visibility timeout is above it.")
+    lease_seconds: int = Field(60, ge=5, description="A worker renews its job lease this often × 3.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost.")
+    device: str = Field("auto", description="Worker compute device: auto, cpu, cuda, cuda:N.")
+    public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
