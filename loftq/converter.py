@@ -153,6 +153,7 @@ def convert(
     def progress(stage: str, shards_done: int, **fields: object) -> None:
         emit(ProgressEvent(stage, len(layers), total, shards_done, shards_total, **fields))
 
+    shard_tensors: dict[str, dict[str, int]] = {}  # for the index, without reading shards back
     progress("start", 0)
     for done, shard in enumerate(checkpoint.shards):
 
@@ -175,17 +176,19 @@ def convert(
                 )
         if record is not None:
             layers.extend(record["layers"])
+            shard_tensors[shard] = record["tensors"]
             outputs.add(shard, record["size"], record["sha256"])
             resumed += 1
             progress("shard", done + 1, shard=shard, skipped=True)
             continue
         outputs.publish(shard, result.sha256)
-        journal.record(shard, result.source_sha256, result.sha256, result.size, result.layers, result.adapters)
+        shard_tensors[shard] = result.tensors
+        journal.record(shard, result.source_sha256, result.sha256, result.size, result.tensors, result.layers, result.adapters)
         progress("shard", done + 1, shard=shard, bytes_written=result.size)
 
     progress("finalize", shards_total)
     if checkpoint.index is not None:
-        outputs.write_json(INDEX_NAME, _output_index(checkpoint, destination))
+        outputs.write_json(INDEX_NAME, _output_index(checkpoint, shard_tensors))
     _write_adapters(journal, checkpoint.shards, outputs)
     outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
 
@@ -217,16 +220,10 @@ def convert(
     return report
 
 
-def _output_index(checkpoint: SourceCheckpoint, destination: Destination) -> dict:
+def _output_index(checkpoint: SourceCheckpoint, shard_tensors: dict[str, dict[str, int]]) -> dict:
     """Same shards and names as the source; new entries of packed weights map to their shard."""
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for shard in checkpoint.shards:
-        with destination.open_local(shard) as path:
-            header = read_header(path)
-        for name, info in header.tensors.items():
-            weight_map[name] = shard
-            total_size += info.nbytes
+    weight_map = {name: shard for shard, tensors in shard_tensors.items() for name in tensors}
+    total_size = sum(size for tensors in shard_tensors.values() for size in tensors.values())
     metadata = {**(checkpoint.index or {}).get("metadata", {}), "total_size": total_size}
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 

@@ -22,7 +22,7 @@ from loftq.report import LayerReport
 from loftq.storage import Destination
 
 JOURNAL_DIR = ".loftq-partial"
-FORMAT_VERSION = 2  # 2: records are bound to the input shard's sha256
+FORMAT_VERSION = 3  # 2: bound to the input shard's sha256; 3: output tensor sizes
 
 
 def fingerprint(options_json: str, shard: str) -> str:
@@ -70,6 +70,7 @@ class Journal:
         source_sha256: str,
         sha256: str,
         size: int,
+        tensors: dict[str, int],
         layers: list[LayerReport],
         adapters: dict[str, torch.Tensor],
     ) -> None:
@@ -81,6 +82,7 @@ class Journal:
             "source_sha256": source_sha256,
             "sha256": sha256,
             "size": size,
+            "tensors": tensors,
             "layers": [asdict(layer) for layer in layers],
         }
         path = self.destination.staging_path(self.record_name(shard))

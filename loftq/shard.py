@@ -7,6 +7,7 @@ bytes, so they are byte-identical to the source.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
 from loftq.report import LayerReport
 from loftq.memory import release_freed_memory
 from loftq.safetensors_io import (
+    DTYPES,
     SafetensorsHeader,
     ShardWriter,
     iter_tensor_bytes,
@@ -38,6 +40,7 @@ class ShardResult:
     source_sha256: str  # of the input file, hashed while it was read
     sha256: str
     size: int
+    tensors: dict[str, int]  # output tensor name -> bytes, for the index
     layers: list[LayerReport]
     adapters: dict[str, torch.Tensor]  # PEFT key -> fp32 CPU tensor
 
@@ -133,6 +136,7 @@ def convert_shard(
         source_sha256=source_hash.hexdigest(),
         sha256=sha256,
         size=out_path.stat().st_size,
+        tensors={name: math.prod(shape) * DTYPES[dtype].itemsize for name, dtype, shape in entries},
         layers=layers,
         adapters=adapters,
     )
