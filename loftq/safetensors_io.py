@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
+from .storage import sha256_file  # noqa: F401  (re-exported: part of this module's API)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Refuse larger headers: real ones are kilobytes, a huge length means a damaged file."""
@@ -281,17 +282,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         raise ValueError(f"tensor_bytes needs a contiguous CPU tensor, got device={t.device}, contiguous={t.is_contiguous()}")
     # reshape(-1) first: view(uint8) refuses 0-d tensors whose element size differs.
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
-    """sha256 hex digest of a file, read in ``chunk``-byte pieces so memory stays flat."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- writing

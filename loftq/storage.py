@@ -9,6 +9,7 @@ path and is told when the file is complete, so it can upload it right away.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,7 +17,6 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from loftq.errors import LoftQError, SourceNotFound
-from loftq.safetensors_io import sha256_file
 
 
 class Source(Protocol):
@@ -113,3 +113,14 @@ class LocalDestination:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
+    """sha256 hex digest of a file, read in ``chunk``-byte pieces so memory stays flat."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
