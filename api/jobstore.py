@@ -1,0 +1,435 @@
+"""Redis-backed job store shared by the API and the Celery workers.
+
+Layout (``p`` = prefix):
+
+* ``p job:{id}``   hash: ``job`` (the Job as JSON, without progress/attempts), ``progress`` (JSON),
+  ``attempts`` (int), ``cancel`` ("1" once cancellation was asked). Progress and attempts live in
+  their own fields so the per-layer progress write and the attempt counter are single atomic
+  commands that never rewrite (and never race with) the state.
+* ``p events:{id}`` stream of events (``type``, ``time``, ``data`` as JSON).
+* ``p lease:{id}``  the worker that owns the job (``SET NX EX``).
+* ``p idx:all``, ``p idx:state:{state}``, ``p idx:tenant:{tenant}``,
+  ``p idx:tenant:{tenant}:state:{state}``: sorted sets of job ids, all scores 0, so members sort
+  by id; ids are time-sortable, so a reverse lex range is "newest first" and an id is a cursor.
+* ``p idx:expires``: finished jobs (member ``"{id} {tenant}"``, score = unix time their keys
+  expire) so index entries can be pruned once the records expire.
+
+State changes are check-and-set under WATCH/MULTI; the per-state indexes change in the same
+transaction as the record, so counts and filtered lists never disagree with ``get``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+
+import redis
+
+from api.errors import InvalidTransition, JobNotFound
+from api.schemas import (
+    TRANSITIONS,
+    ErrorInfo,
+    Event,
+    EventPage,
+    Job,
+    JobCreate,
+    JobPage,
+    JobState,
+    JobSummary,
+    Progress,
+)
+
+EVENTS_MAXLEN = 10_000
+_MAX_RETRIES = 100
+
+# Compare-and-act scripts: the check and the write must be one atomic step.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# Field writes on a job that must not resurrect an expired or unknown job as a partial hash.
+_HSET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_HINCR_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+return -1
+"""
+
+_id_lock = threading.Lock()
+_last_id: tuple[int, int] = (0, 0)
+
+
+def new_job_id() -> str:
+    """``job_`` + 12 hex of the ms timestamp + 8 random hex: unique and sortable by creation time.
+
+    Within one process ids strictly increase even inside one millisecond (the random part is
+    bumped), so "newest first" is exact for jobs created by one API process."""
+    global _last_id
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        rand = int.from_bytes(os.urandom(4), "big")
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, rand = last_ms, last_rand + 1 + (rand & 0xFFFF)
+            if rand > 0xFFFFFFFF:
+                ms, rand = last_ms + 1, rand & 0xFFFF
+        _last_id = (ms, rand)
+    return f"job_{ms:012x}{rand:08x}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStore:
+    """Jobs, their events, cancellation flags and worker leases in one Redis database."""
+
+    def __init__(self, client: redis.Redis, *, retention_seconds: int = 30 * 24 * 3600, prefix: str = "loftq:") -> None:
+        self.client = client
+        self.retention_seconds = retention_seconds
+        self.prefix = prefix
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._hset_if_exists = client.register_script(_HSET_IF_EXISTS)
+        self._hincr_if_exists = client.register_script(_HINCR_IF_EXISTS)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> JobStore:
+        """``retention_seconds`` and ``prefix`` go to the store, other kwargs to the client. The
+        read timeout (30 s) stays above the longest blocking XREAD of ``wait_events`` callers
+        (the SSE heartbeat, 15 s); redis-py's own default (5 s) would cut those short."""
+        store_kwargs = {k: kwargs.pop(k) for k in ("retention_seconds", "prefix") if k in kwargs}
+        client_kwargs = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, **kwargs, "decode_responses": True}
+        return cls(redis.Redis.from_url(url, **client_kwargs), **store_kwargs)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def _events_key(self, job_id: str) -> str:
+        return f"{self.prefix}events:{job_id}"
+
+    def _lease_key(self, job_id: str) -> str:
+        return f"{self.prefix}lease:{job_id}"
+
+    def _index_key(self, state: JobState | None = None, tenant: str | None = None) -> str:
+        key = f"{self.prefix}idx"
+        if tenant is not None:
+            key += f":tenant:{tenant}"
+        if state is not None:
+            key += f":state:{JobState(state).value}"
+        if tenant is None and state is None:
+            key += ":all"
+        return key
+
+    @property
+    def _expires_key(self) -> str:
+        return f"{self.prefix}idx:expires"
+
+    # -- health -------------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """Readiness probe: never raises, so /healthz can report instead of crash."""
+        try:
+            return bool(self.client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    # -- records ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(fields: dict[str, str]) -> Job | None:
+        if not fields or "job" not in fields:
+            return None
+        data = json.loads(fields["job"])
+        data["progress"] = json.loads(fields["progress"]) if "progress" in fields else {}
+        data["attempts"] = int(fields.get("attempts", 0))
+        return Job.model_validate(data)
+
+    @staticmethod
+    def _encode(job: Job) -> str:
+        return job.model_dump_json(exclude={"progress", "attempts"})
+
+    def _state_event(self, job: Job, error: ErrorInfo | None = None) -> dict[str, str]:
+        data: dict = {"state": job.state.value}
+        if error is not None:
+            data["error"] = error.model_dump()
+        return self._event_fields("state", data)
+
+    @staticmethod
+    def _event_fields(type: str, data: dict) -> dict[str, str]:
+        return {"type": type, "time": _now().isoformat(), "data": json.dumps(data)}
+
+    def create(self, request: JobCreate, *, tenant: str = "default", output: str | None = None) -> Job:
+        job_id = new_job_id()
+        out = output or request.output or f"jobs/{job_id}/"
+        if not out.endswith("/"):
+            out += "/"
+        job = Job(id=job_id, state=JobState.queued, created_at=_now(), request=request, output=out, tenant=tenant)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self._job_key(job_id),
+                mapping={"job": self._encode(job), "progress": job.progress.model_dump_json(), "attempts": 0},
+            )
+            for key in self._index_keys(job.state, tenant):
+                pipe.zadd(key, {job_id: 0})
+            pipe.xadd(self._events_key(job_id), self._state_event(job), maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.execute()
+        return job
+
+    def _index_keys(self, state: JobState, tenant: str) -> list[str]:
+        """Every index a job in ``state`` of ``tenant`` belongs to."""
+        return [
+            self._index_key(),
+            self._index_key(state=state),
+            self._index_key(tenant=tenant),
+            self._index_key(state=state, tenant=tenant),
+        ]
+
+    def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """``tenant`` given: another tenant's job is reported as missing, not as forbidden."""
+        job = self._decode(self.client.hgetall(self._job_key(job_id)))
+        if job is None or (tenant is not None and job.tenant != tenant):
+            raise JobNotFound(f"job {job_id} not found")
+        return job
+
+    def list(
+        self,
+        *,
+        limit: int = 20,
+        after: str | None = None,
+        state: JobState | None = None,
+        tenant: str | None = None,
+    ) -> JobPage:
+        """Newest first. ``after`` is the last id of the previous page; ids are cursors because
+        the indexes sort by id, so pages stay stable while jobs are created or change state."""
+        self._prune()
+        limit = max(1, limit)
+        index = self._index_key(state=state, tenant=tenant)
+        jobs: builtins.list[Job] = []
+        cursor = after
+        has_more = False
+        while True:
+            want = limit + 1 - len(jobs)
+            upper = f"({cursor}" if cursor else "+"
+            ids = self.client.zrevrangebylex(index, upper, "-", start=0, num=want)
+            if not ids:
+                break
+            with self.client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._job_key(job_id))
+                records = pipe.execute()
+            for job_id, fields in zip(ids, records):
+                job = self._decode(fields)
+                if job is None:  # expired between prunes: drop the stale index entry
+                    self.client.zrem(index, job_id)
+                    continue
+                if len(jobs) == limit:
+                    has_more = True
+                    break
+                jobs.append(job)
+            if has_more or len(ids) < want:
+                break
+            cursor = ids[-1]
+        return JobPage(jobs=jobs, has_more=has_more, next_after=jobs[-1].id if has_more else None)
+
+    def _prune(self) -> None:
+        """Drop index entries of finished jobs whose records have expired (Redis expires keys,
+        not sorted-set members)."""
+        members = self.client.zrangebyscore(self._expires_key, "-inf", time.time(), start=0, num=1000)
+        if not members:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for member in members:
+                job_id, _, tenant = member.partition(" ")
+                pipe.zrem(self._index_key(), job_id)
+                pipe.zrem(self._index_key(tenant=tenant), job_id)
+                for state in JobState:
+                    pipe.zrem(self._index_key(state=state), job_id)
+                    pipe.zrem(self._index_key(state=state, tenant=tenant), job_id)
+            pipe.zrem(self._expires_key, *members)
+            pipe.execute()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _change(self, job_id: str, decide) -> Job:
+        """WATCH/MULTI loop. ``decide(current)`` returns ``(new_job or None, event_error, fields)``:
+        the new state to write (None: state unchanged) and extra hash fields to set; it may raise.
+        Retried when the hash changed underneath (a concurrent transition or progress write)."""
+        key = self._job_key(job_id)
+        for _ in range(_MAX_RETRIES):
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    current = self._decode(pipe.hgetall(key))
+                    if current is None:
+                        raise JobNotFound(f"job {job_id} not found")
+                    job, event_error, fields = decide(current)
+                    pipe.multi()
+                    if job is not None:
+                        self._write_state(pipe, current, job, event_error)
+                    if fields:
+                        pipe.hset(key, mapping=fields)
+                    pipe.execute()
+                    return job or current
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"job {job_id}: too much contention to change state")
+
+    def _write_state(self, pipe, current: Job, job: Job, error: ErrorInfo | None) -> None:
+        """Queue the record, the index moves, the state event and (when finished) the expiry."""
+        job_id, tenant = job.id, job.tenant
+        pipe.hset(self._job_key(job_id), "job", self._encode(job))
+        if job.state != current.state:
+            pipe.zrem(self._index_key(state=current.state), job_id)
+            pipe.zrem(self._index_key(state=current.state, tenant=tenant), job_id)
+            pipe.zadd(self._index_key(state=job.state), {job_id: 0})
+            pipe.zadd(self._index_key(state=job.state, tenant=tenant), {job_id: 0})
+        pipe.xadd(self._events_key(job_id), self._state_event(job, error), maxlen=EVENTS_MAXLEN, approximate=True)
+        if job.state.finished:
+            pipe.expire(self._job_key(job_id), self.retention_seconds)
+            pipe.expire(self._events_key(job_id), self.retention_seconds)
+            pipe.zadd(self._expires_key, {f"{job_id} {tenant}": time.time() + self.retention_seconds})
+
+    @staticmethod
+    def _moved(job: Job, to: JobState, error: ErrorInfo | None = None, summary: JobSummary | None = None) -> Job:
+        now = _now()
+        update: dict = {"state": to}
+        if to == JobState.running and job.started_at is None:
+            update["started_at"] = now
+        if to.finished:
+            update["finished_at"] = now
+        if error is not None:
+            update["error"] = error
+        if summary is not None:
+            update["summary"] = summary
+        return job.model_copy(update=update)
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        error: ErrorInfo | None = None,
+        summary: JobSummary | None = None,
+        expect: set[JobState] | None = None,
+    ) -> Job:
+        to = JobState(to)
+
+        def decide(job: Job):
+            if expect is not None and job.state not in expect:
+                raise InvalidTransition(f"job {job_id} is {job.state.value}, expected one of {sorted(s.value for s in expect)}")
+            if to not in TRANSITIONS[job.state]:
+                raise InvalidTransition(f"job {job_id} cannot go from {job.state.value} to {to.value}")
+            return self._moved(job, to, error, summary), error, {}
+
+        return self._change(job_id, decide)
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Idempotent: queued jobs are cancelled at once; running ones become cancelling and the
+        worker sees ``cancel_requested``; cancelling or finished jobs are returned unchanged."""
+
+        def decide(job: Job):
+            moved = None
+            if job.state == JobState.queued:
+                moved = self._moved(job, JobState.cancelled)
+            elif job.state == JobState.running:
+                moved = self._moved(job, JobState.cancelling)
+            return moved, None, {"cancel": "1"}
+
+        return self._change(job_id, decide)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """False for unknown or expired jobs as well."""
+        return self.client.hget(self._job_key(job_id), "cancel") == "1"
+
+    def update_progress(self, job_id: str, progress: Progress) -> None:
+        """One atomic field write (no event, no state change); emit an event separately if
+        clients should see it live."""
+        if not self._hset_if_exists(keys=[self._job_key(job_id)], args=["progress", progress.model_dump_json()]):
+            raise JobNotFound(f"job {job_id} not found")
+
+    def increment_attempts(self, job_id: str) -> int:
+        count = int(self._hincr_if_exists(keys=[self._job_key(job_id)], args=["attempts"]))
+        if count < 0:
+            raise JobNotFound(f"job {job_id} not found")
+        return count
+
+    # -- events -------------------------------------------------------------------------------
+
+    def add_event(self, job_id: str, type: str, data: dict) -> str:
+        if not self.client.exists(self._job_key(job_id)):
+            raise JobNotFound(f"job {job_id} not found")
+        return self.client.xadd(
+            self._events_key(job_id), self._event_fields(type, data), maxlen=EVENTS_MAXLEN, approximate=True
+        )
+
+    @staticmethod
+    def _parse(entries: Iterable[tuple[str, dict[str, str]]]) -> builtins.list[Event]:
+        return [
+            Event(id=entry_id, type=f["type"], time=datetime.fromisoformat(f["time"]), data=json.loads(f["data"]))
+            for entry_id, f in entries
+        ]
+
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> EventPage:
+        """Events strictly after the cursor ``after``; ``next_after`` is the cursor to pass next
+        (unchanged when there was nothing new)."""
+        if not self.client.exists(self._job_key(job_id)):
+            raise JobNotFound(f"job {job_id} not found")
+        low = f"({after}" if after else "-"
+        events = self._parse(self.client.xrange(self._events_key(job_id), low, "+", count=max(1, limit)))
+        return EventPage(events=events, next_after=events[-1].id if events else after)
+
+    def wait_events(self, job_id: str, *, after: str | None, timeout_ms: int) -> builtins.list[Event]:
+        """Events after ``after`` (None: from the start), blocking up to ``timeout_ms`` when there
+        are none yet; [] on timeout. Pass the last id seen so no event is missed between calls."""
+        streams = {self._events_key(job_id): after or "0-0"}
+        block = timeout_ms if timeout_ms > 0 else None  # BLOCK 0 would wait forever
+        reply = self.client.xread(streams, count=1000, block=block)
+        if not reply:
+            return []
+        # RESP2 gives [[key, entries]], RESP3 gives {key: [entries]}.
+        entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]
+        return self._parse(entries)
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def acquire_lease(self, job_id: str, owner: str, ttl_seconds: int) -> bool:
+        return bool(self.client.set(self._lease_key(job_id), owner, nx=True, ex=ttl_seconds))
+
+    def renew_lease(self, job_id: str, owner: str, ttl_seconds: int) -> bool:
+        return bool(self._renew(keys=[self._lease_key(job_id)], args=[owner, ttl_seconds]))
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        self._release(keys=[self._lease_key(job_id)], args=[owner])
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def counts_by_state(self) -> dict[str, int]:
+        self._prune()
+        with self.client.pipeline(transaction=False) as pipe:
+            for state in JobState:
+                pipe.zcard(self._index_key(state=state))
+            counts = pipe.execute()
+        return {state.value: int(n) for state, n in zip(JobState, counts)}

@@ -1,0 +1,67 @@
+"""/v1/jobs/{id}/artifacts: the finished checkpoint's files, with sha256 and a download URL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from api.deps import ArtifactsDep, SettingsDep, StoreDep
+from api.errors import ArtifactNotFound, JobNotFinished
+from api.schemas import Artifact, ArtifactList, Job, JobState
+from api.storage import ObjectStore
+
+router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+def _manifest(job: Job, artifacts: ObjectStore) -> tuple[dict[str, Artifact], bytes]:
+    if job.state is not JobState.succeeded:
+        raise JobNotFinished(f"job {job.id} is {job.state.value}; artifacts exist once it has succeeded")
+    raw = artifacts.read_bytes(job.output + MANIFEST)
+    if raw is None:
+        raise ArtifactNotFound(f"job {job.id} has no manifest.json (artifacts were removed)")
+    files = {f["path"]: Artifact(path=f["path"], size=f["size"], sha256=f["sha256"]) for f in json.loads(raw)["files"]}
+    files[MANIFEST] = Artifact(path=MANIFEST, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    return files, raw
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep, settings: SettingsDep) -> ArtifactList:
+    """Every file of the checkpoint (from its manifest) with a download URL: presigned for S3,
+    an API route for local storage."""
+    job = store.get(job_id)
+    files, _ = _manifest(job, artifacts)
+    listed = []
+    for path, artifact in sorted(files.items()):
+        url = artifacts.presigned_url(job.output + path, settings.presign_expiry_seconds)
+        if url is None:
+            url = str(request.url_for("download_artifact", job_id=job_id, path=path))
+        listed.append(artifact.model_copy(update={"url": url}))
+    return ArtifactList(job_id=job_id, artifacts=listed)
+
+
+@router.get("/{job_id}/artifacts/files/{path:path}", name="download_artifact")
+def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: ArtifactsDep) -> StreamingResponse:
+    """Stream one file from storage. Only files named by the manifest are served."""
+    job = store.get(job_id)
+    files, raw = _manifest(job, artifacts)
+    if path not in files:
+        raise ArtifactNotFound(f"{path!r} is not an artifact of job {job_id}")
+    artifact = files[path]
+    if path == MANIFEST:
+        body = iter([raw])
+    else:
+        handle = artifacts.open_read(job.output + path)
+
+        def chunks():
+            with handle:
+                while block := handle.read(CHUNK):
+                    yield block
+
+        body = chunks()
+    headers = {"Content-Length": str(artifact.size), "X-Checksum-SHA256": artifact.sha256}
+    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,47 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from api.deps import ArtifactsDep, QueueDep, StoreDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(store: StoreDep, queue: QueueDep, artifacts: ArtifactsDep) -> JSONResponse:
+    """Broker, job store and storage reachable: 200, else 503 naming what is down."""
+    checks = {"job_store": store.ping(), "broker": queue.ping(), "storage": artifacts.ping()}
+    ready = all(checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+
+
+class _ServiceCollector:
+    """Read at scrape time from the shared job store, so every API replica reports the same."""
+
+    def __init__(self, store, queue) -> None:
+        self.store, self.queue = store, queue
+
+    def collect(self):
+        jobs = GaugeMetricFamily("loftq_jobs", "Jobs by state", labels=["state"])
+        for state, count in self.store.counts_by_state().items():
+            jobs.add_metric([state], count)
+        yield jobs
+        yield GaugeMetricFamily("loftq_queue_depth", "Jobs waiting in the broker", value=self.queue.depth())
+
+
+@router.get("/metrics")
+def metrics(store: StoreDep, queue: QueueDep) -> Response:
+    registry = CollectorRegistry()
+    registry.register(_ServiceCollector(store, queue))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,86 @@
+"""/v1/jobs: submit, inspect, list, cancel, and follow jobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import QueueDep, SettingsDep, StoreDep
+from api.errors import Unavailable
+from api.schemas import ErrorInfo, EventPage, Job, JobCreate, JobPage, JobState
+from api.sources import parse_source_uri
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+HEARTBEAT_MS = 15_000
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
+def create_job(body: JobCreate, response: Response, store: StoreDep, queue: QueueDep, settings: SettingsDep) -> Job:
+    """Queue a conversion. Returns at once; poll the job or follow its events."""
+    parse_source_uri(body.source, settings)
+    job = store.create(body)
+    try:
+        queue.enqueue(job.id)
+    except Exception as exc:  # the broker is down: the job must not sit queued forever
+        store.transition(job.id, JobState.failed, error=ErrorInfo(code="queue_unavailable", message=str(exc)))
+        raise Unavailable("the job queue is unreachable; try again") from exc
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64, description="next_after of the previous page")] = None,
+    state: JobState | None = None,
+) -> JobPage:
+    """Jobs, newest first, with cursor pagination."""
+    return store.list(limit=limit, after=after, state=state)
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(job_id: str, store: StoreDep) -> Job:
+    return store.get(job_id)
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
+def cancel_job(job_id: str, store: StoreDep) -> Job:
+    """Ask a job to stop (checked between layers). Idempotent; a no-op on finished jobs."""
+    return store.request_cancel(job_id)
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def list_events(
+    job_id: str,
+    store: StoreDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> EventPage:
+    """Per-layer progress and state changes; pass ``next_after`` back as ``after``."""
+    store.get(job_id)
+    return store.events(job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/events/stream")
+def stream_events(job_id: str, store: StoreDep, after: Annotated[str | None, Query(max_length=64)] = None) -> StreamingResponse:
+    """The same events as server-sent events; the stream ends when the job has ended."""
+    store.get(job_id)
+
+    def frames() -> Iterator[str]:
+        cursor = after
+        while True:
+            page = store.events(job_id, after=cursor)
+            for event in page.events:
+                cursor = event.id
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
+            if store.get(job_id).state.finished and not page.events:
+                return
+            if not page.events and not store.wait_events(job_id, after=cursor, timeout_ms=HEARTBEAT_MS):
+                yield ": heartbeat\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

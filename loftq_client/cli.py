@@ -1,0 +1,301 @@
+"""``loftq-jobs``: submit and follow LoftQ conversion jobs on a jobs API server.
+
+    loftq-jobs submit s3://models/llama-3-8b/ --rank 16 --target q_proj --target v_proj --wait
+    loftq-jobs status JOB_ID
+    loftq-jobs list --state running
+    loftq-jobs logs JOB_ID --follow
+    loftq-jobs download JOB_ID ./out
+
+API errors print ``error [code] message`` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from typing import Annotated, Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath
+from loftq_client.models import Event, Job
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_ERROR = 2  # API, network or checksum error
+EXIT_JOB_FAILED = 1  # submit --wait: the job ended failed or cancelled
+
+# Bits implied by a fixed-width quantizer (the server rejects a mismatch).
+_FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
+
+app = typer.Typer(
+    name="loftq-jobs",
+    add_completion=False,
+    no_args_is_help=True,
+    help="Submit and follow LoftQ conversion jobs on a jobs API server.",
+)
+out = Console(highlight=False)
+
+
+def make_client(url: str, api_key: str | None) -> LoftQClient:
+    """The one place the CLI builds its client (tests monkeypatch this)."""
+    return LoftQClient(url, api_key)
+
+
+@dataclass
+class _Settings:
+    url: str
+    api_key: str | None
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", envvar="LOFTQ_URL", help="Base URL of the jobs API.")] = DEFAULT_URL,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LOFTQ_API_KEY", help="Bearer API key.")] = None,
+) -> None:
+    ctx.obj = _Settings(url=url, api_key=api_key or None)
+
+
+def _fail(code: str, message: str) -> typer.Exit:
+    typer.echo(f"error [{code}] {message}", err=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+@contextmanager
+def _client(ctx: typer.Context) -> Iterator[LoftQClient]:
+    settings = ctx.find_object(_Settings) or _Settings(DEFAULT_URL, None)
+    try:
+        with make_client(settings.url, settings.api_key) as client:
+            yield client
+    except ApiError as exc:
+        raise _fail(exc.code, exc.message) from None
+    except ChecksumMismatch as exc:
+        raise _fail("checksum_mismatch", str(exc)) from None
+    except UnsafeArtifactPath as exc:
+        raise _fail("unsafe_artifact_path", str(exc)) from None
+    except TimeoutError as exc:
+        raise _fail("timeout", str(exc)) from None
+    except httpx.HTTPError as exc:
+        raise _fail("connection_error", f"{settings.url}: {exc}") from None
+
+
+def _parse_meta(items: list[str] | None) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail("invalid_metadata", f"--meta expects KEY=VALUE, got {item!r}")
+        metadata[key.strip()] = value
+    return metadata
+
+
+def _fmt_time(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
+def _fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _fmt_layers(job: Job) -> str:
+    p = job.progress
+    return f"{p.layers_done}/{p.layers_total}" if p.layers_total else "-"
+
+
+def _fmt_event(event: Event) -> str:
+    return f"{_fmt_time(event.time)} {event.type} {json.dumps(event.data, sort_keys=True, default=str)}"
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="s3://bucket/prefix/, file:///path or hf://org/name (optionally @revision).")],
+    output: Annotated[Optional[str], typer.Option(help="Artifact prefix (server default: jobs/<id>/).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank r.")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="lora_alpha (server default: r).")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", "-t", help="LoftQ alternating iterations T.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="nf4, fp4, int8, int, nf2, nf3.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Bits per weight (implied by nf4/fp4/int8/nf2/nf3).")] = None,
+    svd: Annotated[Optional[str], typer.Option(help="Low-rank solver: randomized or exact.")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Module name or suffix to target (repeatable).")] = None,
+    backbone_format: Annotated[Optional[str], typer.Option("--backbone-format", help="dequantized or bnb-4bit.")] = None,
+    meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE kept with the job (repeatable).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option("--idempotency-key", help="Resubmitting with the same key returns the same job.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish, with a progress bar on stderr.")] = False,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls with --wait.")] = 2.0,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Give up waiting after this many seconds.")] = None,
+) -> None:
+    """Submit a conversion job and print its id (stdout). With --wait, exit 1 unless it succeeds."""
+    metadata = _parse_meta(meta)
+    if bits is None and quant in _FIXED_BITS:
+        bits = _FIXED_BITS[quant]
+    targets: str | list[str] | None = None
+    if target:
+        targets = target[0] if len(target) == 1 and target[0] == "all-linear" else list(target)
+    with _client(ctx) as client:
+        job = client.create_job(
+            source,
+            output=output,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            quant=quant,
+            bits=bits,
+            rank=rank,
+            lora_alpha=alpha,
+            iters=iters,
+            svd=svd,
+            target_modules=targets,
+            backbone_format=backbone_format,
+        )
+        typer.echo(job.id)
+        if not wait:
+            return
+        job = client.wait(job.id, poll_interval=poll_interval, timeout=timeout, progress=True)
+    typer.echo(f"{job.id} {job.state}", err=True)
+    if job.state != "succeeded":
+        if job.error is not None:
+            typer.echo(f"error [{job.error.code}] {job.error.message}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+) -> None:
+    """Show one job."""
+    with _client(ctx) as client:
+        job = client.get_job(job_id)
+    if as_json:
+        typer.echo(job.model_dump_json(indent=2))
+        return
+    p = job.progress
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("id", job.id),
+        ("state", job.state),
+        ("stage", p.stage),
+        ("layers", _fmt_layers(job)),
+        ("shards", f"{p.shards_done}/{p.shards_total}" if p.shards_total else "-"),
+        ("read / written", f"{_fmt_bytes(p.bytes_read)} / {_fmt_bytes(p.bytes_written)}"),
+    ]
+    if p.eta_seconds is not None and not job.finished:
+        rows.append(("eta", f"{p.eta_seconds:.0f} s"))
+    rows += [
+        ("created", _fmt_time(job.created_at)),
+        ("started", _fmt_time(job.started_at)),
+        ("finished", _fmt_time(job.finished_at)),
+        ("attempts", str(job.attempts)),
+        ("tenant", job.tenant),
+    ]
+    if job.request is not None:
+        rows.append(("source", job.request.source))
+        if job.request.options:
+            rows.append(("options", json.dumps(job.request.options, sort_keys=True, default=str)))
+        if job.request.metadata:
+            rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in job.request.metadata.items())))
+    rows.append(("output", job.output or "-"))
+    if job.summary is not None:
+        s = job.summary
+        rows.append(
+            ("summary", f"{s.layers} layers, mean error {s.mean_error:.4g} (quant only {s.mean_error_quant:.4g}), {s.seconds:.1f} s")
+        )
+    if job.error is not None:
+        rows.append(("error", f"[{job.error.code}] {job.error.message}"))
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    out.print(table)
+
+
+@app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[Optional[str], typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as a JSON array.")] = False,
+) -> None:
+    """List jobs (newest first)."""
+    with _client(ctx) as client:
+        jobs = list(islice(client.iter_jobs(state=state, page_size=min(limit, 100)), limit))
+    if as_json:
+        typer.echo(json.dumps([job.model_dump(mode="json") for job in jobs], indent=2))
+        return
+    table = Table()
+    table.add_column("ID", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("STAGE", no_wrap=True)
+    table.add_column("LAYERS", no_wrap=True, justify="right")
+    table.add_column("CREATED", no_wrap=True)
+    table.add_column("SOURCE", overflow="fold")
+    for job in jobs:
+        table.add_row(
+            escape(job.id),
+            escape(job.state),
+            escape(job.progress.stage),
+            _fmt_layers(job),
+            _fmt_time(job.created_at),
+            escape(job.request.source if job.request else "-"),
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
+) -> None:
+    """Ask the server to cancel a job; prints the id and its new state."""
+    with _client(ctx) as client:
+        job = client.cancel_job(job_id)
+    typer.echo(f"{job.id} {job.state}")
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming (SSE) until the job finishes.")] = False,
+    after: Annotated[Optional[str], typer.Option(help="Only events after this event id.")] = None,
+) -> None:
+    """Print a job's events, one per line: time, type, data (JSON)."""
+    with _client(ctx) as client:
+        events = client.stream_events(job_id, after=after) if follow else client.iter_events(job_id, after=after)
+        for event in events:
+            typer.echo(_fmt_event(event))
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id (must have succeeded).")],
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="Directory to write the artifacts to.")],
+) -> None:
+    """Download a succeeded job's artifacts, checking size and sha256; prints each path."""
+    with _client(ctx) as client:
+        paths = client.download(job_id, dest)
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo(f"{len(paths)} files in {dest}", err=True)
+
+
+def main() -> None:
+    app(prog_name="loftq-jobs")
+
+
+if __name__ == "__main__":
+    main()

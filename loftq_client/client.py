@@ -1,0 +1,448 @@
+"""A small synchronous client for the LoftQ jobs API.
+
+Standalone on purpose: it speaks JSON over ``httpx`` and returns the pydantic models of
+``loftq_client.models``; it never imports torch, the conversion engine or the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+
+from loftq_client.models import Artifact, ArtifactList, Event, EventPage, Job, JobPage
+
+USER_AGENT = "loftq-client/0.1"
+_CHUNK = 1 << 20
+
+
+class LoftQClientError(Exception):
+    """Base class of the errors this package raises."""
+
+
+class ApiError(LoftQClientError):
+    """A non-2xx answer from the API: HTTP ``status``, machine-readable ``code``, human ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        """Parse ``{"error": {"code", "message"}}``; also FastAPI's ``{"detail": ...}``; else the text."""
+        status = response.status_code
+        fallback_code = "validation_error" if status == 422 else f"http_{status}"
+        try:
+            body = response.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            if isinstance(error, dict) and ("code" in error or "message" in error):
+                return cls(status, str(error.get("code") or fallback_code), str(error.get("message") or ""))
+            if isinstance(error, str):
+                return cls(status, fallback_code, error)
+            detail = body.get("detail")
+            if isinstance(detail, str):
+                return cls(status, fallback_code, detail)
+            if isinstance(detail, list):
+                parts = []
+                for item in detail:
+                    if isinstance(item, dict):
+                        loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                        parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
+                    else:
+                        parts.append(str(item))
+                return cls(status, fallback_code, "; ".join(parts))
+        try:
+            text = response.text.strip()
+        except Exception:  # undecodable body
+            text = ""
+        return cls(status, fallback_code, text[:1000] or response.reason_phrase or f"HTTP {status}")
+
+
+class ChecksumMismatch(LoftQClientError):
+    """A downloaded artifact does not have the size or sha256 the API announced (nothing was kept)."""
+
+    def __init__(self, path: str, *, expected_sha256: str, actual_sha256: str | None, expected_size: int, actual_size: int) -> None:
+        what = (
+            f"size {actual_size} != {expected_size}"
+            if actual_size != expected_size
+            else f"sha256 {actual_sha256} != {expected_sha256}"
+        )
+        super().__init__(f"{path}: {what}")
+        self.path = path
+        self.expected_sha256 = expected_sha256
+        self.actual_sha256 = actual_sha256
+        self.expected_size = expected_size
+        self.actual_size = actual_size
+
+
+class UnsafeArtifactPath(LoftQClientError, ValueError):
+    """An artifact path that would escape the download directory (absolute or with ``..``)."""
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds the API key only to requests for the API's own origin (never to presigned S3 URLs)."""
+
+    def __init__(self, api_key: str, base_url: httpx.URL) -> None:
+        self._header = f"Bearer {api_key}"
+        self._origin = _origin(base_url)
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        if _origin(request.url) == self._origin:
+            request.headers["Authorization"] = self._header
+        yield request
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
+def _q(job_id: str) -> str:
+    return quote(str(job_id), safe="")
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class LoftQClient:
+    """Client of the jobs API (``/v1``). Use as a context manager, or call :meth:`close`.
+
+    Every non-2xx answer raises :class:`ApiError`; network failures raise ``httpx.TransportError``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        base = httpx.URL(self.base_url)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            auth=_BearerAuth(api_key, base) if api_key else None,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LoftQClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LoftQClient({self.base_url!r})"
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if not response.is_success:
+            raise ApiError.from_response(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(response.status_code, "invalid_response", f"expected JSON from {method} {path}") from None
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        source: str,
+        *,
+        output: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> Job:
+        """Submit a conversion. ``options`` are engine options (quant, bits, rank, lora_alpha, iters,
+        svd, target_modules, backbone_format, ...); ``None`` values are left out so server defaults apply."""
+        body = {
+            "source": source,
+            "output": output,
+            "options": {k: v for k, v in options.items() if v is not None},
+            "metadata": dict(metadata or {}),
+        }
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return Job.model_validate(self._json("POST", "/v1/jobs", json=body, headers=headers))
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.model_validate(self._json("GET", f"/v1/jobs/{_q(job_id)}"))
+
+    def list_jobs(self, *, limit: int = 20, state: str | None = None, after: str | None = None) -> JobPage:
+        params = _params(limit=limit, state=state, after=after)
+        return JobPage.model_validate(self._json("GET", "/v1/jobs", params=params))
+
+    def iter_jobs(self, state: str | None = None, *, page_size: int = 100) -> Iterator[Job]:
+        """Every job (newest first, as the server orders them), following ``next_after``."""
+        after: str | None = None
+        while True:
+            page = self.list_jobs(limit=page_size, state=state, after=after)
+            yield from page.jobs
+            if not page.has_more or not page.jobs:
+                return
+            cursor = page.next_after or page.jobs[-1].id
+            if cursor == after:  # a server that does not move forward: stop rather than loop
+                return
+            after = cursor
+
+    def cancel_job(self, job_id: str) -> Job:
+        return Job.model_validate(self._json("POST", f"/v1/jobs/{_q(job_id)}/cancel"))
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def events(self, job_id: str, after: str | None = None) -> EventPage:
+        params = _params(after=after)
+        return EventPage.model_validate(self._json("GET", f"/v1/jobs/{_q(job_id)}/events", params=params))
+
+    def iter_events(self, job_id: str, after: str | None = None) -> Iterator[Event]:
+        """All events stored so far (pages through :meth:`events`); does not wait for new ones."""
+        while True:
+            page = self.events(job_id, after=after)
+            yield from page.events
+            if not page.events:
+                return
+            cursor = page.next_after or page.events[-1].id
+            if cursor == after:
+                return
+            after = cursor
+
+    def stream_events(self, job_id: str, after: str | None = None, *, read_timeout: float | None = None) -> Iterator[Event]:
+        """Live events over Server-Sent Events; the iterator ends when the server ends the stream
+        (the job finished). ``read_timeout`` bounds the silence between two chunks (default: none)."""
+        timeout = httpx.Timeout(self.timeout, read=read_timeout)
+        with self._http.stream(
+            "GET",
+            f"/v1/jobs/{_q(job_id)}/events/stream",
+            params=_params(after=after),
+            headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+            timeout=timeout,
+        ) as response:
+            if not response.is_success:
+                response.read()
+                raise ApiError.from_response(response)
+            yield from parse_sse(response.iter_lines())
+
+    # -- waiting --------------------------------------------------------------------------------
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        progress: bool = True,
+        max_errors: int = 5,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled and return it (a failed job is returned,
+        not raised). Shows a rich progress bar of layers on stderr when ``progress``. Raises
+        ``TimeoutError`` after ``timeout`` seconds. Up to ``max_errors`` consecutive transient failures
+        (network errors, 429, 5xx) are retried."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = task = None
+        if progress:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("layers"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            bar.start()
+            task = bar.add_task(f"{job_id} …", total=None)
+        errors = 0
+        try:
+            while True:
+                try:
+                    job = self.get_job(job_id)
+                    errors = 0
+                except (httpx.TransportError, ApiError) as exc:
+                    transient = isinstance(exc, httpx.TransportError) or exc.status == 429 or exc.status >= 500
+                    errors += 1
+                    if not transient or errors > max_errors:
+                        raise
+                    job = None
+                if job is not None:
+                    if bar is not None:
+                        p = job.progress
+                        bar.update(
+                            task,
+                            description=f"{job.id} {job.state} [{p.stage}]",
+                            completed=p.layers_done,
+                            total=p.layers_total or None,
+                        )
+                    if job.finished:
+                        return job
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    state = job.state if job is not None else "unknown"
+                    raise TimeoutError(f"job {job_id} still {state} after {timeout:g} s")
+                time.sleep(poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - now)))
+        finally:
+            if bar is not None:
+                bar.stop()
+
+    # -- artifacts ------------------------------------------------------------------------------
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        """Files of a succeeded job (``ApiError`` 409 ``job_not_finished`` before that)."""
+        return ArtifactList.model_validate(self._json("GET", f"/v1/jobs/{_q(job_id)}/artifacts")).artifacts
+
+    def download(self, job_id: str, dest_dir: str | os.PathLike[str]) -> list[Path]:
+        """Download every artifact under ``dest_dir`` (keeping sub-directories) and return the paths.
+
+        Each file is streamed to ``<name>.partial``, checked against the announced size and sha256
+        and only then renamed into place; on a mismatch the partial file is removed and
+        :class:`ChecksumMismatch` is raised. Files already present with the right checksum are kept.
+        """
+        dest = Path(dest_dir)
+        paths = []
+        for artifact in self.artifacts(job_id):
+            target = dest.joinpath(*_safe_parts(artifact.path))
+            if not (target.is_file() and target.stat().st_size == artifact.size and _sha256_file(target) == artifact.sha256.lower()):
+                self._download_one(job_id, artifact, target)
+            paths.append(target)
+        return paths
+
+    def _download_one(self, job_id: str, artifact: Artifact, target: Path) -> None:
+        url = artifact.url or f"/v1/jobs/{_q(job_id)}/artifacts/files/{quote(artifact.path, safe='/')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self._http.stream("GET", url, headers={"Accept": "*/*"}, follow_redirects=True) as response:
+                if not response.is_success:
+                    response.read()
+                    raise ApiError.from_response(response)
+                with open(partial, "wb") as fh:
+                    for chunk in response.iter_bytes(_CHUNK):
+                        size += len(chunk)
+                        if size > artifact.size:
+                            break
+                        digest.update(chunk)
+                        fh.write(chunk)
+            actual = digest.hexdigest() if size == artifact.size else None
+            if size != artifact.size or actual != artifact.sha256.lower():
+                raise ChecksumMismatch(
+                    artifact.path,
+                    expected_sha256=artifact.sha256,
+                    actual_sha256=actual,
+                    expected_size=artifact.size,
+                    actual_size=size,
+                )
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+def _safe_parts(path: str) -> tuple[str, ...]:
+    pure = PurePosixPath(path.replace("\\", "/"))
+    parts = tuple(p for p in pure.parts if p not in ("", "."))
+    if pure.is_absolute() or not parts or any(p == ".." or ":" in p for p in parts):
+        raise UnsafeArtifactPath(f"refusing artifact path {path!r}")
+    return parts
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Turn ``text/event-stream`` lines into :class:`Event` objects.
+
+    Comment lines (``:`` heartbeats), blocks without ``data`` and ``ping``/``heartbeat`` events are
+    skipped; several ``data:`` lines of one block are joined with newlines. The data is the event as JSON
+    (``{"id", "type", "time", "data"}``) or just its payload, completed from ``id:`` / ``event:``.
+    """
+    last_id: str | None = None
+    event_type: str | None = None
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if _dispatchable(event_type, data):
+                yield _sse_event(last_id, event_type, "\n".join(data))
+            event_type, data = None, []
+            continue
+        if line.startswith(":"):
+            continue
+        field, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event_type = value
+        elif field == "id" and "\0" not in value:
+            last_id = value
+        # "retry" and unknown fields are ignored
+    if _dispatchable(event_type, data):  # stream ended without the final blank line: still deliver it
+        yield _sse_event(last_id, event_type, "\n".join(data))
+
+
+_HEARTBEATS = frozenset({"ping", "heartbeat", "keepalive", "keep-alive"})
+
+
+def _dispatchable(event_type: str | None, data: list[str]) -> bool:
+    """Blocks without data, with only blank data, or typed as heartbeats carry no job event."""
+    return bool("".join(data).strip()) and (event_type or "").lower() not in _HEARTBEATS
+
+
+def _sse_event(sse_id: str | None, sse_type: str | None, text: str) -> Event:
+    try:
+        payload: Any = json.loads(text)
+    except ValueError:
+        payload = {"text": text}
+    if isinstance(payload, dict) and isinstance(payload.get("data"), dict) and ("type" in payload or "time" in payload):
+        fields = dict(payload)
+    else:
+        fields = {"data": payload if isinstance(payload, dict) else {"value": payload}}
+        if isinstance(payload, dict) and "time" in payload:
+            fields["time"] = payload["time"]
+    fields.setdefault("id", sse_id or "")
+    fields.setdefault("type", sse_type or "message")
+    fields.setdefault("time", datetime.now(timezone.utc))
+    try:
+        return Event.model_validate(fields)
+    except ValidationError:
+        return Event(id=str(fields["id"]), type=str(fields["type"]), time=datetime.now(timezone.utc), data={"value": payload})

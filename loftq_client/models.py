@@ -1,0 +1,120 @@
+"""Response models of the jobs API, as the client sees them.
+
+These mirror ``api/schemas.py`` but are deliberately standalone (no server or engine imports) and
+lenient: every model accepts unknown fields (``extra="allow"``) and ``state`` / ``type`` are plain
+strings, so a newer server that adds fields, states or event types does not break an older client.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: States after which a job never changes again.
+FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: Every state the API documents (a newer server may add more).
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorInfo(_Model):
+    code: str
+    message: str
+
+
+class Progress(_Model):
+    stage: str = "queued"  # queued, downloading, converting, uploading, finalizing, done
+    layers_done: int = 0
+    layers_total: int = 0
+    shards_done: int = 0
+    shards_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    eta_seconds: float | None = None
+
+
+class JobSummary(_Model):
+    layers: int
+    mean_error_quant: float
+    mean_error: float
+    seconds: float
+
+
+class JobRequest(_Model):
+    """The request a job was created from (``options`` are the server's engine options)."""
+
+    source: str
+    output: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Job(_Model):
+    id: str
+    state: str  # queued | running | succeeded | failed | cancelling | cancelled
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: JobRequest | None = None
+    output: str | None = None
+    progress: Progress = Field(default_factory=Progress)
+    error: ErrorInfo | None = None
+    summary: JobSummary | None = None
+    attempts: int = 0
+    tenant: str = "default"
+
+    @property
+    def finished(self) -> bool:
+        """True once the job is succeeded, failed or cancelled."""
+        return self.state in FINISHED_STATES
+
+
+class JobPage(_Model):
+    jobs: list[Job]
+    has_more: bool = False
+    next_after: str | None = None
+
+
+class Event(_Model):
+    id: str  # stream cursor, pass as ``after=``
+    type: str  # "state", "layer", "progress", ...
+    time: datetime
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventPage(_Model):
+    events: list[Event]
+    next_after: str | None = None
+
+
+class Artifact(_Model):
+    path: str
+    size: int
+    sha256: str
+    url: str | None = None
+
+
+class ArtifactList(_Model):
+    job_id: str
+    artifacts: list[Artifact]
+
+
+__all__ = [
+    "FINISHED_STATES",
+    "JOB_STATES",
+    "Artifact",
+    "ArtifactList",
+    "ErrorInfo",
+    "Event",
+    "EventPage",
+    "Job",
+    "JobPage",
+    "JobRequest",
+    "JobSummary",
+    "Progress",
+]

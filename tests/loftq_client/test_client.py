@@ -1,0 +1,525 @@
+"""The jobs API client and the ``loftq-jobs`` CLI against an in-process fake of the HTTP contract
+(``httpx.MockTransport``); no server, no network, no torch in the client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from loftq_client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath, parse_sse
+from loftq_client import cli as cli_module
+
+BASE = "http://api.test"
+S3 = "https://s3.example.com"
+KEY = "sekret"
+T0 = "2024-05-01T12:00:00Z"
+
+
+def _err(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": message}})
+
+
+class FakeServer:
+    """A dict of jobs behind the documented routes. ``script[id]`` holds patches applied one per
+    ``GET /v1/jobs/{id}`` (or the string ``"503"`` to answer one poll with an error)."""
+
+    def __init__(self, api_key: str | None = KEY) -> None:
+        self.api_key = api_key
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []  # creation order
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.files: dict[str, dict[str, bytes]] = {}  # job -> path -> content
+        self.absolute: set[str] = set()  # paths served through a presigned S3 URL
+        self.corrupt: set[str] = set()  # paths served with one byte flipped
+        self.sse: dict[str, bytes] = {}
+        self.script: dict[str, list[Any]] = {}
+        self.idempotency: dict[str, str] = {}
+        self.requests: list[httpx.Request] = []
+        self.transport = httpx.MockTransport(self.handle)
+
+    def client(self, api_key: str | None = KEY, **kwargs: Any) -> LoftQClient:
+        return LoftQClient(BASE + "/", api_key, transport=self.transport, **kwargs)
+
+    # -- helpers for tests --
+
+    def add_job(self, state: str = "queued", source: str = "s3://models/tiny/", **fields: Any) -> dict[str, Any]:
+        job_id = f"job{len(self.order) + 1:03d}"
+        job = {
+            "id": job_id,
+            "state": state,
+            "created_at": T0,
+            "started_at": None,
+            "finished_at": None,
+            "request": {"source": source, "output": None, "options": {"rank": 16}, "metadata": {}},
+            "output": f"jobs/{job_id}/",
+            "progress": {"stage": "queued", "layers_done": 0, "layers_total": 0, "shards_done": 0,
+                         "shards_total": 0, "bytes_read": 0, "bytes_written": 0, "eta_seconds": None},
+            "error": None,
+            "summary": None,
+            "attempts": 0,
+            "tenant": "default",
+            "server_only_field": {"added": "later"},  # newer servers may add fields
+        }
+        job.update(fields)
+        self.jobs[job_id] = job
+        self.order.append(job_id)
+        self.events[job_id] = []
+        return job
+
+    # -- routes --
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        url = request.url
+        if url.host == "s3.example.com":
+            return self._s3(request)
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _err(401, "unauthorized", "missing or wrong API key")
+        path, method = url.path, request.method
+        if path == "/v1/jobs" and method == "POST":
+            return self._create(request)
+        if path == "/v1/jobs" and method == "GET":
+            return self._list(request)
+        m = re.fullmatch(r"/v1/jobs/([^/]+)(/.*)?", path)
+        if not m:
+            return httpx.Response(404, text="no such route")
+        job_id, rest = m.group(1), m.group(2) or ""
+        if job_id not in self.jobs:
+            return _err(404, "job_not_found", f"no job {job_id}")
+        job = self.jobs[job_id]
+        if rest == "" and method == "GET":
+            steps = self.script.get(job_id)
+            if steps:
+                step = steps.pop(0)
+                if step == "503":
+                    return _err(503, "unavailable", "redis is restarting")
+                _deep_update(job, step)
+            return httpx.Response(200, json=job)
+        if rest == "/cancel" and method == "POST":
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return _err(409, "invalid_transition", f"job is {job['state']}")
+            job["state"] = "cancelled" if job["state"] == "queued" else "cancelling"
+            return httpx.Response(202, json=job)
+        if rest == "/events" and method == "GET":
+            return self._events(job_id, request)
+        if rest == "/events/stream" and method == "GET":
+            body = self.sse.get(job_id, b"")
+            chunks = [body[i : i + 7] for i in range(0, len(body), 7)]  # lines split across chunks
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=iter(chunks))
+        if rest == "/artifacts" and method == "GET":
+            if job["state"] != "succeeded":
+                return _err(409, "job_not_finished", f"job is {job['state']}")
+            return httpx.Response(200, json={"job_id": job_id, "artifacts": [
+                {"path": p, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                 "url": f"{S3}/bucket/jobs/{job_id}/{p}?X-Amz-Signature=abc" if p in self.absolute
+                 else f"/v1/jobs/{job_id}/artifacts/files/{p}"}
+                for p, data in self.files.get(job_id, {}).items()
+            ]})
+        if rest.startswith("/artifacts/files/") and method == "GET":
+            return self._file(job_id, rest.removeprefix("/artifacts/files/"))
+        return httpx.Response(405, text="method not allowed")
+
+    def _create(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if not str(body.get("source", "")).startswith(("s3://", "file://", "hf://")):
+            return _err(422, "invalid_source", f"unsupported source {body.get('source')!r}")
+        key = request.headers.get("Idempotency-Key")
+        if key and key in self.idempotency:
+            job = self.jobs[self.idempotency[key]]
+        else:
+            job = self.add_job(source=body["source"])
+            job["request"] = {"source": body["source"], "output": body.get("output"),
+                              "options": body.get("options", {}), "metadata": body.get("metadata", {})}
+            if key:
+                self.idempotency[key] = job["id"]
+        return httpx.Response(202, json=job, headers={"Location": f"/v1/jobs/{job['id']}"})
+
+    def _list(self, request: httpx.Request) -> httpx.Response:
+        params = request.url.params
+        limit = int(params.get("limit", 20))
+        ids = [i for i in reversed(self.order) if params.get("state") in (None, self.jobs[i]["state"])]
+        if "after" in params:
+            ids = ids[ids.index(params["after"]) + 1 :]
+        page, more = ids[:limit], len(ids) > limit
+        return httpx.Response(200, json={"jobs": [self.jobs[i] for i in page], "has_more": more,
+                                         "next_after": page[-1] if more else None})
+
+    def _events(self, job_id: str, request: httpx.Request) -> httpx.Response:
+        events = self.events[job_id]
+        after = request.url.params.get("after")
+        start = next((n + 1 for n, e in enumerate(events) if e["id"] == after), 0)
+        page = events[start : start + 2]
+        return httpx.Response(200, json={"events": page, "next_after": page[-1]["id"] if page else after})
+
+    def _file(self, job_id: str, path: str) -> httpx.Response:
+        data = self.files.get(job_id, {}).get(path)
+        if data is None:
+            return _err(404, "artifact_not_found", path)
+        if path in self.corrupt:
+            data = data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+        return httpx.Response(200, content=iter([data[i : i + 1000] for i in range(0, len(data), 1000)]))
+
+    def _s3(self, request: httpx.Request) -> httpx.Response:
+        assert "Authorization" not in request.headers, "API key leaked to the presigned URL"
+        assert request.url.params.get("X-Amz-Signature") == "abc"
+        _, _, job_id, path = request.url.path.lstrip("/").split("/", 3)
+        return self._file(job_id, path)
+
+
+def _deep_update(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+@pytest.fixture
+def server() -> FakeServer:
+    return FakeServer()
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+def test_create_get_and_extra_fields(server: FakeServer) -> None:
+    with server.client() as client:
+        job = client.create_job("s3://models/tiny/", output="out/x/", metadata={"team": "nlp"},
+                                rank=8, lora_alpha=16.0, quant="nf4", svd=None, target_modules=["q_proj"])
+        assert job.state == "queued" and not job.finished
+        assert job.request.options == {"rank": 8, "lora_alpha": 16.0, "quant": "nf4", "target_modules": ["q_proj"]}
+        assert job.request.metadata == {"team": "nlp"} and job.request.output == "out/x/"
+        assert job.model_extra["server_only_field"] == {"added": "later"}
+        again = client.get_job(job.id)
+        assert again.id == job.id and again.created_at.year == 2024
+    post = server.requests[0]
+    assert post.method == "POST" and post.headers["Authorization"] == f"Bearer {KEY}"
+    assert "svd" not in json.loads(post.content)["options"]  # None options are left to the server
+
+
+def test_idempotency_key_returns_the_same_job(server: FakeServer) -> None:
+    with server.client() as client:
+        a = client.create_job("hf://org/model", idempotency_key="k1")
+        b = client.create_job("hf://org/model", idempotency_key="k1")
+        c = client.create_job("hf://org/model")
+    assert a.id == b.id != c.id
+    assert server.requests[0].headers["Idempotency-Key"] == "k1"
+    assert "Idempotency-Key" not in server.requests[2].headers
+
+
+def test_iter_jobs_follows_pagination(server: FakeServer) -> None:
+    for n in range(7):
+        server.add_job(state="succeeded" if n % 2 else "queued")
+    with server.client() as client:
+        page = client.list_jobs(limit=3)
+        assert [j.id for j in page.jobs] == ["job007", "job006", "job005"] and page.has_more
+        assert page.next_after == "job005"
+        assert [j.id for j in client.iter_jobs(page_size=3)] == [f"job{n:03d}" for n in range(7, 0, -1)]
+        assert [j.id for j in client.iter_jobs(state="succeeded", page_size=2)] == ["job006", "job004", "job002"]
+    lists = [r for r in server.requests if r.url.path == "/v1/jobs"]
+    assert lists[-1].url.params["state"] == "succeeded" and lists[-1].url.params["after"] == "job004"
+
+
+def test_cancel(server: FakeServer) -> None:
+    job_id = server.add_job(state="running")["id"]
+    with server.client() as client:
+        assert client.cancel_job(job_id).state == "cancelling"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_api_error_404_and_422(server: FakeServer) -> None:
+    with server.client() as client:
+        with pytest.raises(ApiError) as info:
+            client.get_job("nope")
+        assert (info.value.status, info.value.code, info.value.message) == (404, "job_not_found", "no job nope")
+        with pytest.raises(ApiError) as info:
+            client.create_job("ftp://elsewhere/model")
+        assert info.value.status == 422 and info.value.code == "invalid_source"
+        assert "ftp://elsewhere/model" in info.value.message
+        with pytest.raises(ApiError) as info:
+            client.artifacts(server.add_job(state="running")["id"])
+        assert (info.value.status, info.value.code) == (409, "job_not_finished")
+    with server.client(api_key=None) as client, pytest.raises(ApiError) as info:
+        client.get_job("job001")
+    assert (info.value.status, info.value.code) == (401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "message"),
+    [
+        (httpx.Response(422, json={"detail": [{"loc": ["body", "options", "rank"], "msg": "must be >= 1"}]}),
+         "validation_error", "options.rank: must be >= 1"),
+        (httpx.Response(400, json={"detail": "bad things"}), "http_400", "bad things"),
+        (httpx.Response(502, text="<html>Bad Gateway</html>"), "http_502", "<html>Bad Gateway</html>"),
+        (httpx.Response(500, content=b""), "http_500", "Internal Server Error"),
+    ],
+)
+def test_api_error_fallbacks(response: httpx.Response, code: str, message: str) -> None:
+    transport = httpx.MockTransport(lambda request: response)
+    with LoftQClient(BASE, transport=transport) as client, pytest.raises(ApiError) as info:
+        client.get_job("x")
+    assert (info.value.status, info.value.code, info.value.message) == (response.status_code, code, message)
+    assert code in str(info.value)
+
+
+# -- waiting --------------------------------------------------------------------------------------
+
+
+def test_wait_returns_the_finished_job_with_progress(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    job_id = server.add_job()["id"]
+    server.script[job_id] = [
+        {"state": "running", "progress": {"stage": "converting", "layers_total": 4, "layers_done": 1}},
+        "503",  # a transient error while polling is retried
+        {"progress": {"layers_done": 3}},
+        {"state": "succeeded", "progress": {"stage": "done", "layers_done": 4},
+         "summary": {"layers": 4, "mean_error_quant": 0.2, "mean_error": 0.1, "seconds": 1.5}},
+    ]
+    with server.client() as client:
+        job = client.wait(job_id, poll_interval=0.001, timeout=5)
+    assert job.state == "succeeded" and job.finished and job.summary.layers == 4
+    assert server.script[job_id] == []
+    captured = capsys.readouterr()
+    assert captured.out == "" and "4/4" in captured.err
+
+
+def test_wait_returns_a_failed_job(server: FakeServer) -> None:
+    job_id = server.add_job()["id"]
+    server.script[job_id] = [{"state": "failed", "error": {"code": "invalid_source", "message": "no safetensors"}}]
+    with server.client() as client:
+        job = client.wait(job_id, poll_interval=0.001, progress=False)
+    assert job.state == "failed" and job.error.code == "invalid_source"
+
+
+def test_wait_times_out(server: FakeServer) -> None:
+    job_id = server.add_job(state="running")["id"]
+    with server.client() as client, pytest.raises(TimeoutError, match="still running"):
+        client.wait(job_id, poll_interval=0.01, timeout=0.05, progress=False)
+
+
+def test_wait_does_not_retry_client_errors(server: FakeServer) -> None:
+    with server.client() as client, pytest.raises(ApiError, match="job_not_found"):
+        client.wait("missing", poll_interval=0.001, progress=False)
+    assert len(server.requests) == 1
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+SSE = (
+    b": connected\n\n"
+    b"retry: 2000\n\n"
+    b'id: 1\nevent: state\ndata: {"id": "1", "type": "state",\ndata:  "time": "2024-05-01T12:00:01Z",\n'
+    b'data:  "data": {"state": "running"}}\n\n'
+    b": heartbeat\n\n"
+    b"event: ping\ndata: {}\n\n"
+    b'id: 2\r\nevent: layer\r\ndata: {"name": "model.layers.0.q_proj", "error": 0.125}\r\n\r\n'
+    b"id: 3\nevent: log\ndata: line one\ndata: line two\n\n"
+    b"data:\n\n"
+    b'id: 4\nevent: state\ndata: {"id": "4", "type": "state", "time": "2024-05-01T12:00:09Z", "data": {"state": "succeeded"}}\n'
+)
+
+
+def test_stream_events_parses_sse(server: FakeServer) -> None:
+    job_id = server.add_job(state="running")["id"]
+    server.sse[job_id] = SSE
+    with server.client() as client:
+        events = list(client.stream_events(job_id, after="0"))
+    assert [(e.id, e.type) for e in events] == [("1", "state"), ("2", "layer"), ("3", "log"), ("4", "state")]
+    assert events[0].data == {"state": "running"} and events[0].time.second == 1
+    assert events[1].data == {"name": "model.layers.0.q_proj", "error": 0.125}  # payload-only data
+    assert events[2].data == {"text": "line one\nline two"}  # multi-line, not JSON
+    assert events[3].data == {"state": "succeeded"}  # last block without the closing blank line
+    stream = server.requests[-1]
+    assert stream.url.params["after"] == "0" and stream.headers["Accept"] == "text/event-stream"
+
+
+def test_parse_sse_on_plain_lines() -> None:
+    lines = [": hi", "event: progress", 'data: {"layers_done": 2}', "", "id: 9", ""]
+    (event,) = parse_sse(lines)
+    assert event.type == "progress" and event.data == {"layers_done": 2} and event.id == ""
+
+
+def test_stream_events_error(server: FakeServer) -> None:
+    with server.client() as client, pytest.raises(ApiError) as info:
+        list(client.stream_events("missing"))
+    assert info.value.code == "job_not_found"
+
+
+def test_events_pages(server: FakeServer) -> None:
+    job_id = server.add_job()["id"]
+    server.events[job_id] = [{"id": str(n), "type": "layer", "time": T0, "data": {"n": n}} for n in range(1, 6)]
+    with server.client() as client:
+        page = client.events(job_id)
+        assert [e.id for e in page.events] == ["1", "2"] and page.next_after == "2"
+        assert [e.data["n"] for e in client.iter_events(job_id, after="1")] == [2, 3, 4, 5]
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+
+
+def _finished_with_files(server: FakeServer) -> str:
+    job_id = server.add_job(state="succeeded")["id"]
+    server.files[job_id] = {
+        "config.json": b'{"model_type": "llama"}' * 3,
+        "loftq_init/adapter_model.safetensors": bytes(range(256)) * 40,
+        "model.safetensors": bytes(reversed(range(256))) * 30,
+    }
+    server.absolute.add("model.safetensors")
+    return job_id
+
+
+def test_download_verifies_and_writes(server: FakeServer, tmp_path: Path) -> None:
+    job_id = _finished_with_files(server)
+    with server.client() as client:
+        assert [a.path for a in client.artifacts(job_id)] == list(server.files[job_id])
+        paths = client.download(job_id, tmp_path / "out")
+        assert paths == [tmp_path / "out" / p for p in server.files[job_id]]
+        for path, (name, data) in zip(paths, server.files[job_id].items()):
+            assert path.read_bytes() == data, name
+        assert not list((tmp_path / "out").rglob("*.partial"))
+        fetched = len(server.requests)
+        assert client.download(job_id, tmp_path / "out") == paths  # verified files are not fetched again
+        assert len(server.requests) == fetched + 1  # only the artifact list
+
+
+def test_download_checksum_mismatch_leaves_no_file(server: FakeServer, tmp_path: Path) -> None:
+    job_id = _finished_with_files(server)
+    server.corrupt.add("loftq_init/adapter_model.safetensors")
+    with server.client() as client, pytest.raises(ChecksumMismatch) as info:
+        client.download(job_id, tmp_path)
+    assert info.value.path == "loftq_init/adapter_model.safetensors"
+    assert info.value.actual_sha256 != info.value.expected_sha256 and info.value.actual_size == info.value.expected_size
+    assert not (tmp_path / "loftq_init" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "loftq_init" / "adapter_model.safetensors.partial").exists()
+
+
+def test_download_refuses_escaping_paths(server: FakeServer, tmp_path: Path) -> None:
+    job_id = server.add_job(state="succeeded")["id"]
+    server.files[job_id] = {"../evil.sh": b"rm -rf /"}
+    with server.client() as client, pytest.raises(UnsafeArtifactPath):
+        client.download(job_id, tmp_path / "out")
+    assert not (tmp_path / "evil.sh").exists()
+
+
+def test_client_does_not_import_heavy_modules() -> None:
+    code = "import sys, loftq_client, loftq_client.cli; bad = [m for m in ('torch', 'loftq', 'api') if m in sys.modules]; print(bad)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_cli(server: FakeServer, monkeypatch: pytest.MonkeyPatch):
+    made: list[tuple[str, str | None]] = []
+
+    def factory(url: str, api_key: str | None) -> LoftQClient:
+        made.append((url, api_key))
+        return LoftQClient(url, api_key, transport=server.transport)
+
+    monkeypatch.setattr(cli_module, "make_client", factory)
+    runner = CliRunner()
+
+    def run(*args: str):
+        result = runner.invoke(cli_module.app, list(args), env={"LOFTQ_URL": BASE, "LOFTQ_API_KEY": KEY})
+        run.made = made
+        return result
+
+    return run
+
+
+def test_cli_submit(server: FakeServer, run_cli) -> None:
+    result = run_cli("submit", "s3://models/tiny/", "--rank", "8", "--alpha", "16", "--quant", "int8",
+                     "--target", "q_proj", "--target", "v_proj", "--svd", "exact", "--backbone-format", "dequantized",
+                     "--meta", "team=nlp", "--meta", "ticket=A-1=2", "--output", "out/tiny/")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job001"
+    assert run_cli.made == [(BASE, KEY)]
+    request = server.jobs["job001"]["request"]
+    assert request["options"] == {"rank": 8, "lora_alpha": 16.0, "quant": "int8", "bits": 8, "svd": "exact",
+                                  "target_modules": ["q_proj", "v_proj"], "backbone_format": "dequantized"}
+    assert request["metadata"] == {"team": "nlp", "ticket": "A-1=2"} and request["output"] == "out/tiny/"
+
+
+def test_cli_submit_wait(server: FakeServer, run_cli) -> None:
+    server.script["job001"] = [{"state": "running", "progress": {"layers_total": 2, "layers_done": 1}},
+                               {"state": "succeeded", "progress": {"layers_done": 2}}]
+    result = run_cli("submit", "hf://org/model", "--wait", "--poll-interval", "0.001")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job001" and "job001 succeeded" in result.stderr
+
+    server.script["job002"] = [{"state": "failed", "error": {"code": "oom", "message": "out of memory"}}]
+    result = run_cli("submit", "hf://org/model", "--wait", "--poll-interval", "0.001")
+    assert result.exit_code == 1 and "error [oom] out of memory" in result.stderr
+
+
+def test_cli_errors(run_cli) -> None:
+    result = run_cli("status", "nope")
+    assert result.exit_code == 2 and result.stderr.strip() == "error [job_not_found] no job nope"
+    result = run_cli("submit", "ftp://x")
+    assert result.exit_code == 2 and result.stderr.startswith("error [invalid_source]")
+    result = run_cli("submit", "s3://x/", "--meta", "novalue")
+    assert result.exit_code == 2 and "error [invalid_metadata]" in result.stderr
+
+
+def test_cli_connection_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    monkeypatch.setattr(cli_module, "make_client", lambda url, key: LoftQClient(url, key, transport=httpx.MockTransport(refuse)))
+    result = CliRunner().invoke(cli_module.app, ["--url", "http://down.test", "cancel", "x"])
+    assert result.exit_code == 2 and result.stderr.startswith("error [connection_error] http://down.test")
+
+
+def test_cli_status_list_cancel(server: FakeServer, run_cli) -> None:
+    server.add_job(state="succeeded", summary={"layers": 4, "mean_error_quant": 0.2, "mean_error": 0.1, "seconds": 2.0})
+    server.add_job(state="running", progress={"stage": "converting", "layers_done": 3, "layers_total": 8})
+    result = run_cli("status", "job002")
+    assert result.exit_code == 0, result.output
+    assert "running" in result.stdout and "converting" in result.stdout and "3/8" in result.stdout
+    result = run_cli("status", "job001", "--json")
+    assert json.loads(result.stdout)["summary"]["layers"] == 4
+
+    result = run_cli("list")
+    assert result.exit_code == 0 and result.stdout.index("job002") < result.stdout.index("job001")
+    result = run_cli("list", "--state", "succeeded", "--limit", "5")
+    assert "job001" in result.stdout and "job002" not in result.stdout
+    result = run_cli("list", "--limit", "1", "--json")
+    assert [j["id"] for j in json.loads(result.stdout)] == ["job002"]
+
+    result = run_cli("cancel", "job002")
+    assert result.exit_code == 0 and result.stdout.strip() == "job002 cancelling"
+
+
+def test_cli_logs(server: FakeServer, run_cli) -> None:
+    job_id = server.add_job()["id"]
+    server.events[job_id] = [{"id": str(n), "type": "layer", "time": T0, "data": {"n": n}} for n in range(1, 4)]
+    server.sse[job_id] = SSE
+    result = run_cli("logs", job_id)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f'2024-05-01T12:00:00+00:00 layer {{"n": {n}}}' for n in (1, 2, 3)]
+    result = run_cli("logs", job_id, "--follow")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[0].endswith('state {"state": "running"}') and '"succeeded"' in lines[-1]
+
+
+def test_cli_download(server: FakeServer, run_cli, tmp_path: Path) -> None:
+    job_id = _finished_with_files(server)
+    result = run_cli("download", job_id, str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(tmp_path / p) for p in server.files[job_id]]
+    server.corrupt.add("config.json")
+    result = run_cli("download", job_id, str(tmp_path / "again"))
+    assert result.exit_code == 2 and result.stderr.startswith("error [checksum_mismatch] config.json")

@@ -1,0 +1,247 @@
+"""The service end to end with real parts: uvicorn on loopback, a real Redis-compatible
+server process, a real Celery worker process and moto's S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from api.redis_server import free_port
+
+BUCKET = "artifacts"
+MODELS = "models"
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path) -> Iterator[dict]:
+    """API + worker processes configured like production (S3 storage), models uploaded to S3."""
+    work = tmp_path_factory.mktemp("service")
+    files_root = work / "files"
+    files_root.mkdir()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "LOFTQ_REDIS_URL": redis_url.replace("/0", "/1"),
+        "LOFTQ_QUEUE": "loftq-e2e",
+        "LOFTQ_STORAGE": "s3",
+        "LOFTQ_S3_BUCKET": BUCKET,
+        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
+        "LOFTQ_WORK_DIR": str(work / "scratch"),
+        "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(files_root)]),
+        "LOFTQ_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    for bucket in (BUCKET, MODELS):
+        s3.create_bucket(Bucket=bucket)
+    for name, model in (("tiny-bert", tiny_bert), ("tiny-llama", tiny_llama)):
+        for path in model.iterdir():
+            s3.upload_file(str(path), MODELS, f"{name}/{path.name}")
+
+    port = free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+         "--concurrency", "1", "--loglevel", "INFO", "-Q", "loftq-e2e", "--hostname", "e2e@%h"],
+        env=env, stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT,
+    )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(work / "api.log", "wb"), stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{base}/readyz", api)
+        yield {"base": base, "s3": s3, "files_root": files_root, "logs": work}
+    finally:
+        for process in (api, worker):
+            process.terminate()
+        for process in (api, worker):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _poll(client: httpx.Client, job_id: str, *, until: set[str], timeout: float = 240) -> tuple[dict, list[dict]]:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append(job)
+        if job["state"] in until:
+            return job, seen
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} still {seen[-1]['state']}")
+
+
+def test_raw_http_job_from_s3_succeeds_and_artifacts_load(stack: dict, tmp_path: Path, tiny_bert: Path) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        response = client.post("/v1/jobs", json={"source": f"s3://{MODELS}/tiny-bert/", "options": {"rank": 8, "lora_alpha": 16, "iters": 2}})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+        assert job["state"] == "queued"
+        job, seen = _poll(client, job["id"], until={"succeeded", "failed"})
+        assert job["state"] == "succeeded", job["error"]
+        assert job["started_at"] and job["finished_at"] and job["summary"]["layers"] == 13
+        assert job["progress"]["layers_done"] == job["progress"]["layers_total"] == 13
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["events"]
+        layer_events = [e for e in events if e["type"] == "layer"]
+        assert [e["data"]["index"] for e in layer_events] == list(range(1, 14))
+        states = [e["data"]["state"] for e in events if e["type"] == "state"]
+        assert states == ["queued", "running", "succeeded"]
+
+        listing = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]
+        paths = {a["path"] for a in listing}
+        assert {"model.safetensors", "config.json", "loftq_init/adapter_config.json", "loftq_init/adapter_model.safetensors", "manifest.json"} <= paths
+        out = tmp_path / "download"
+        for artifact in listing:
+            assert artifact["url"].startswith(stack["s3"].meta.endpoint_url)  # presigned S3 URL
+            data = httpx.get(artifact["url"], timeout=30).content
+            assert len(data) == artifact["size"] and hashlib.sha256(data).hexdigest() == artifact["sha256"]
+            (out / artifact["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / artifact["path"]).write_bytes(data)
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(str(out)), str(out), subfolder="loftq_init")
+    assert sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")) == 13
+
+
+def test_sdk_job_from_s3(stack: dict, tmp_path: Path) -> None:
+    from loftq_client import LoftQClient
+
+    with LoftQClient(stack["base"]) as client:
+        job = client.create_job(f"s3://{MODELS}/tiny-llama/", rank=4, iters=1, metadata={"team": "e2e"})
+        done = client.wait(job.id, poll_interval=0.2, timeout=240, progress=False)
+        assert done.state == "succeeded", done.error
+        assert client.get_job(job.id).model_dump()["request"]["metadata"] == {"team": "e2e"}
+        files = client.download(job.id, tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+
+
+def test_listing_pagination_and_filters(stack: dict) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        ids = [client.post("/v1/jobs", json={"source": f"s3://{MODELS}/nothing-here-{i}/"}).json()["id"] for i in range(3)]
+        for job_id in ids:
+            _poll(client, job_id, until={"failed", "succeeded"})
+        page = client.get("/v1/jobs", params={"limit": 2}).json()
+        assert len(page["jobs"]) == 2 and page["has_more"]
+        assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]  # newest first
+        rest = client.get("/v1/jobs", params={"limit": 2, "after": page["next_after"]}).json()
+        assert rest["jobs"][0]["id"] == ids[0]
+        failed = client.get("/v1/jobs", params={"state": "failed", "limit": 100}).json()["jobs"]
+        assert set(ids) <= {j["id"] for j in failed}
+
+
+def test_missing_source_fails_with_a_code(stack: dict) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        job_id = client.post("/v1/jobs", json={"source": f"s3://{MODELS}/does-not-exist/"}).json()["id"]
+        job, _ = _poll(client, job_id, until={"failed", "succeeded"})
+    assert job["state"] == "failed"
+    assert job["error"]["code"] == "source_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"source": "s3://models/x/", "options": {"rank": 0}}, "rank"),
+        ({"source": "s3://models/x/", "options": {"quant": "q7"}}, "quant"),
+        ({"source": "s3://models/x/", "options": {"bogus": 1}}, "bogus"),
+        ({"options": {}}, "source"),
+    ],
+)
+def test_invalid_options_are_422_naming_the_field(stack: dict, body: dict, field: str) -> None:
+    response = httpx.post(f"{stack['base']}/v1/jobs", json=body, timeout=30)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and field in error["message"]
+
+
+def test_bad_sources_are_refused_up_front(stack: dict) -> None:
+    for source in ("ftp://example/x", "file:///etc", "s3://", "file:///tmp/../etc"):
+        response = httpx.post(f"{stack['base']}/v1/jobs", json={"source": source}, timeout=30)
+        assert response.status_code == 422, source
+        assert response.json()["error"]["code"] == "invalid_source"
+
+
+def test_unknown_job_is_404(stack: dict) -> None:
+    response = httpx.get(f"{stack['base']}/v1/jobs/job_nope", timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "job_not_found"
+
+
+def test_cancel_a_running_job_frees_the_worker(stack: dict, minilm: Path) -> None:
+    root = stack["files_root"]
+    target = root / "minilm"
+    if not target.exists():
+        shutil.copytree(minilm, target)
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        slow = client.post("/v1/jobs", json={"source": f"file://{target}", "options": {"iters": 40, "svd": "exact"}}).json()
+        job, _ = _poll(client, slow["id"], until={"running"})
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/jobs/{slow['id']}").json()["progress"]["layers_done"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first = client.post(f"/v1/jobs/{slow['id']}/cancel")
+        second = client.post(f"/v1/jobs/{slow['id']}/cancel")
+        assert first.status_code == second.status_code == 202
+        job, _ = _poll(client, slow["id"], until={"cancelled", "succeeded", "failed"}, timeout=120)
+        assert job["state"] == "cancelled"
+        assert job["progress"]["layers_done"] < job["progress"]["layers_total"]
+        assert client.get(f"/v1/jobs/{slow['id']}/artifacts").status_code == 409
+        after = client.post(f"/v1/jobs/{slow['id']}/cancel").json()
+        assert after["state"] == "cancelled"  # a no-op once finished
+        quick = client.post("/v1/jobs", json={"source": f"s3://{MODELS}/tiny-bert/", "options": {"rank": 4}}).json()
+        job, _ = _poll(client, quick["id"], until={"succeeded", "failed"})
+        assert job["state"] == "succeeded"
+
+
+def test_events_as_server_sent_events(stack: dict) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=60) as client:
+        job_id = client.post("/v1/jobs", json={"source": f"s3://{MODELS}/tiny-bert/", "options": {"rank": 4}}).json()["id"]
+        frames = []
+        with client.stream("GET", f"/v1/jobs/{job_id}/events/stream") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(json.loads(line[6:]))
+        assert frames[-1]["type"] == "state" and frames[-1]["data"]["state"] == "succeeded"
+        assert sum(1 for f in frames if f["type"] == "layer") == 13
+        plain = client.get(f"/v1/jobs/{job_id}/events", params={"after": frames[0]["id"]}).json()["events"]
+        assert [e["id"] for e in plain] == [f["id"] for f in frames[1:]]
+
+
+def test_health_and_metrics(stack: dict) -> None:
+    assert httpx.get(f"{stack['base']}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack['base']}/readyz").json()
+    assert ready["status"] == "ready" and all(ready["checks"].values())
+    text = httpx.get(f"{stack['base']}/metrics").text
+    assert 'loftq_jobs{state="succeeded"}' in text and "loftq_queue_depth" in text
+    assert httpx.get(f"{stack['base']}/openapi.json").json()["info"]["title"] == "loftq-service"

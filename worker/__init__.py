@@ -1,0 +1,1 @@
+"""Celery workers that run conversion jobs (one process per GPU)."""

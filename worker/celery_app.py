@@ -1,0 +1,33 @@
+"""The Celery app, configured for long GPU jobs (DESIGN §4).
+
+The parent process never imports torch or touches CUDA: the task imports the engine inside
+the forked child, and every child runs one job (``worker_max_tasks_per_child=1``), so GPU
+memory is returned to the driver between jobs.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api.settings import get_settings
+
+from api.queue import RUN_JOB  # noqa: F401 - the task name the API sends
+
+settings = get_settings()
+celery_app = Celery("loftq", broker=settings.redis_url, include=["worker.tasks"])
+celery_app.conf.update(
+    task_default_queue=settings.queue,
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    # A job is acknowledged only when it is done; if the worker dies, the broker redelivers it.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_max_tasks_per_child=1,
+    # Redelivery of an unacknowledged job waits for the visibility timeout: keep it above the
+    # longest job, or a healthy long job would be delivered twice (the lease stops that too).
+    broker_transport_options={"visibility_timeout": settings.job_timeout_seconds + 600},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)

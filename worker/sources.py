@@ -1,0 +1,268 @@
+"""Adapters between the engine's Source/Destination protocols (loftq.storage) and the
+service's storage: S3 buckets and the Hugging Face Hub as sources, an ObjectStore as the
+destination.
+
+A source hands the engine one file at a time: ``open_local`` downloads a single object into
+the worker's scratch directory and deletes it when the ``with`` block exits, so a model never
+sits whole on local disk. The destination stages one output file at a time and uploads it as
+soon as the engine says it is complete.
+
+Source URIs are validated by ``api.sources.parse_source_uri``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from loftq.errors import LoftQError, SourceNotFound
+
+from api.settings import Settings
+from api.sources import _file_root_match, parse_source_uri
+from api.storage import ObjectStore, S3ObjectStore, sha256_file, safe_key
+
+def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
+    """The engine Source for ``uri``; downloads go to ``scratch`` one file at a time."""
+    parsed = parse_source_uri(uri, settings)
+    scratch = Path(scratch)
+    if parsed[0] == "file":
+        return _confined_local_source()(parsed[1], list(settings.allowed_file_roots))
+    scratch.mkdir(parents=True, exist_ok=True)
+    if parsed[0] == "s3":
+        return S3Source(
+            parsed[1], parsed[2], scratch, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        )
+    return HubSource(parsed[1], parsed[2] or None, scratch)
+
+
+@functools.cache
+def _confined_local_source() -> type:
+    """loftq.storage.LocalSource that also refuses files whose real path leaves the allowed
+    roots (a symlink inside the checkpoint directory pointing at /etc/...). Built on first use
+    so that importing this module does not import torch."""
+    from loftq.storage import LocalSource
+
+    class ConfinedLocalSource(LocalSource):
+        def __init__(self, root: str, allowed_roots: list[Path]) -> None:
+            super().__init__(root)
+            self.allowed_roots = allowed_roots
+
+        @contextlib.contextmanager
+        def open_local(self, name: str) -> Iterator[Path]:
+            with super().open_local(name) as path:
+                if _file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
+                    raise LoftQError("file leads outside the allowed file roots", path=name)
+                yield path
+
+    return ConfinedLocalSource
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _checkpoint_name(name: str) -> str:
+    """Refuse object names that would escape the checkpoint, like loftq.storage.safe_relative."""
+    path = PurePosixPath(name)
+    if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) != name:
+        raise LoftQError(f"unsafe file name {name!r} in checkpoint")
+    return name
+
+
+@contextlib.contextmanager
+def _scratch_file(scratch: Path, name: str) -> Iterator[Path]:
+    """A fresh directory under ``scratch`` for one download, removed afterwards."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(dir=scratch, prefix="dl-"))
+    try:
+        yield directory / PurePosixPath(name).name
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class S3Source:
+    """A checkpoint stored as objects under ``s3://bucket/prefix/``."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        scratch: Path,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        client: Any = None,
+        store: ObjectStore | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.scratch = Path(scratch)
+        self.name = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.store = store or S3ObjectStore(bucket, endpoint_url=endpoint_url, region=region, client=client)
+        self._objects: dict[str, tuple[str, int]] | None = None  # name -> (key, size)
+
+    def _listing(self) -> dict[str, tuple[str, int]]:
+        if self._objects is None:
+            key_prefix = f"{self.prefix}/" if self.prefix else ""
+            try:
+                stored = self.store.list(key_prefix)
+            except Exception as exc:
+                code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+                if code in ("NoSuchBucket", "404", "AccessDenied", "403"):
+                    raise SourceNotFound(f"cannot list the bucket ({code})", path=self.name) from exc
+                raise
+            objects = {}
+            for obj in stored:
+                if obj.key.endswith("/"):  # "folder" placeholder objects
+                    continue
+                objects[_checkpoint_name(obj.key[len(key_prefix) :])] = (obj.key, obj.size)
+            if not objects:
+                raise SourceNotFound("no objects under this prefix", path=self.name)
+            self._objects = objects
+        return self._objects
+
+    def list_files(self) -> list[str]:
+        return sorted(self._listing())
+
+    def total_bytes(self) -> int:
+        """Size of the whole checkpoint, from the listing (for a size limit before converting)."""
+        return sum(size for _, size in self._listing().values())
+
+    @contextlib.contextmanager
+    def open_local(self, name: str) -> Iterator[Path]:
+        entry = self._listing().get(name)
+        if entry is None:
+            raise SourceNotFound("file is missing from the checkpoint", path=f"{self.name}/{name}")
+        with _scratch_file(self.scratch, name) as path:
+            try:
+                self.store.download_file(entry[0], path)
+            except FileNotFoundError as exc:
+                raise SourceNotFound("file disappeared from the bucket", path=f"{self.name}/{name}") from exc
+            yield path
+
+
+def _hub_missing_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors
+
+    names = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HFValidationError")
+    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+
+
+class HubSource:
+    """A model repository on the Hugging Face Hub; one file downloaded at a time, outside the
+    Hub cache (``local_dir`` in a scratch directory), deleted after use."""
+
+    def __init__(self, repo_id: str, revision: str | None, scratch: Path, *, token: str | None = None) -> None:
+        self.repo_id = repo_id
+        self.revision = revision or None
+        self.scratch = Path(scratch)
+        self.token = token
+        # base_model_name_or_path in the adapter config: what PEFT/transformers load the base by.
+        self.name = repo_id
+        self.uri = f"hf://{repo_id}@{revision}" if revision else f"hf://{repo_id}"
+        self._files: list[str] | None = None
+
+    def list_files(self) -> list[str]:
+        if self._files is None:
+            import huggingface_hub
+
+            try:
+                files = huggingface_hub.HfApi().list_repo_files(self.repo_id, revision=self.revision, token=self.token)
+            except _hub_missing_errors() as exc:
+                raise SourceNotFound(f"repository or revision not found: {exc}", path=self.uri) from exc
+            names = sorted(_checkpoint_name(f) for f in files)
+            if not names:
+                raise SourceNotFound("the repository holds no files", path=self.uri)
+            self._files = names
+        return list(self._files)
+
+    @contextlib.contextmanager
+    def open_local(self, name: str) -> Iterator[Path]:
+        import huggingface_hub
+
+        if name not in self.list_files():
+            raise SourceNotFound("file is missing from the checkpoint", path=f"{self.uri}/{name}")
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(dir=self.scratch, prefix="hf-"))
+        try:
+            try:
+                downloaded = huggingface_hub.hf_hub_download(
+                    self.repo_id, name, revision=self.revision, local_dir=directory, token=self.token
+                )
+            except _hub_missing_errors() as exc:
+                raise SourceNotFound(f"download failed: {exc}", path=f"{self.uri}/{name}") from exc
+            yield Path(downloaded)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- destination
+
+
+class ObjectStoreDestination:
+    """Engine output under ``prefix`` in an ObjectStore, staged one file at a time in
+    ``scratch``: each file is uploaded (with its sha256 as metadata) and deleted locally as
+    soon as the engine publishes it."""
+
+    def __init__(self, store: ObjectStore, prefix: str, scratch: Path) -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            safe_key(self.prefix)
+        self.scratch = Path(scratch)
+        self.staging_root = self.scratch / "staging"
+
+    def key(self, name: str) -> str:
+        name = _checkpoint_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def staging_path(self, name: str) -> Path:
+        path = self.staging_root / _checkpoint_name(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, name: str, sha256: str | None = None) -> None:
+        path = self.staging_root / _checkpoint_name(name)
+        if not path.is_file():
+            raise LoftQError("publish called for a file that was never staged", path=name)
+        self.store.upload_file(path, self.key(name), sha256=sha256 or sha256_file(path))
+        path.unlink()
+        self._prune(path.parent)
+
+    def _prune(self, directory: Path) -> None:
+        """Remove staging directories left empty, the staging root included."""
+        while directory == self.staging_root or directory.is_relative_to(self.staging_root):
+            try:
+                directory.rmdir()
+            except OSError:
+                return
+            if directory == self.staging_root:
+                return
+            directory = directory.parent
+
+    def read_text(self, name: str) -> str | None:
+        data = self.store.read_bytes(self.key(name))
+        return None if data is None else data.decode("utf-8")
+
+    def sha256(self, name: str) -> str | None:
+        return self.store.sha256(self.key(name))
+
+    @contextlib.contextmanager
+    def open_local(self, name: str) -> Iterator[Path]:
+        key = self.key(name)
+        with _scratch_file(self.scratch, name) as path:
+            try:
+                self.store.download_file(key, path)
+            except FileNotFoundError as exc:
+                raise SourceNotFound("file is missing from the output", path=key) from exc
+            yield path
+
+    def remove(self, name: str) -> None:
+        key = self.key(name)
+        self.store.delete(key)
+        self.store.delete_prefix(key + "/")
