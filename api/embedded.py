@@ -47,7 +47,7 @@ def serve(
     from api.settings import Settings
 
     if not _is_loopback(host):
-        typer.echo(f"refusing to bind {host}: the embedded service has no authentication; use 127.0.0.1", err=True)
+        typer.echo(f"refusing to bind {host}: the embedded service has no authentication, so it serves loopback only (127.0.0.1)", err=True)
         raise typer.Exit(2)
     data_dir = data_dir.resolve()
     roots = [p.resolve() for p in (allow_files or [Path.cwd()])]
