@@ -89,6 +89,7 @@ class JobRunner:
             seconds=report.summary.seconds,
         )
         self.store.update_progress(job.id, self._progress(job.id, stage="done"))
+        self.store.observe_duration("job", report.summary.seconds)
         self._end(job.id, JobState.succeeded, summary=summary)
 
     def _work_dir(self) -> Path:
@@ -122,6 +123,7 @@ class JobRunner:
             written += event.bytes_written
             if event.stage == "layer" and event.layer is not None:
                 layer = event.layer
+                self.store.observe_duration("layer", layer.seconds)
                 self.store.add_event(
                     job.id,
                     "layer",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from api.deps import ArtifactsDep, QueueDep, StoreDep
 
@@ -38,6 +38,9 @@ class _ServiceCollector:
             jobs.add_metric([state], count)
         yield jobs
         yield GaugeMetricFamily("loftq_queue_depth", "Jobs waiting in the broker", value=self.queue.depth())
+        for kind, help_text in (("job", "Wall time of finished conversions"), ("layer", "Time to fit one layer")):
+            buckets, total = self.store.durations(kind)
+            yield HistogramMetricFamily(f"loftq_{kind}_duration_seconds", help_text, buckets=buckets, sum_value=total)
 
 
 @router.get("/metrics")

@@ -340,3 +340,13 @@ def test_counts_by_state(store: JobStore) -> None:
     assert store.counts_by_state() == {
         "queued": 3, "running": 2, "succeeded": 1, "failed": 0, "cancelling": 0, "cancelled": 2,
     }
+
+
+def test_duration_histograms_are_cumulative(store) -> None:
+    for seconds in (0.05, 0.7, 20.0):
+        store.observe_duration("layer", seconds)
+    buckets, total = store.durations("layer")
+    counts = dict(buckets)
+    assert counts["0.1"] == 1 and counts["1.0"] == 2 and counts["60.0"] == 3 and counts["+Inf"] == 3
+    assert total == pytest.approx(20.75)
+    assert store.durations("job") == ([(b, 0) for b, _ in buckets], 0.0)

@@ -244,4 +244,7 @@ def test_health_and_metrics(stack: dict) -> None:
     assert ready["status"] == "ready" and all(ready["checks"].values())
     text = httpx.get(f"{stack['base']}/metrics").text
     assert 'loftq_jobs{state="succeeded"}' in text and "loftq_queue_depth" in text
+    layer_count = next(line for line in text.splitlines() if line.startswith("loftq_layer_duration_seconds_count"))
+    assert float(layer_count.split()[-1]) >= 13
+    assert "loftq_job_duration_seconds_bucket" in text
     assert httpx.get(f"{stack['base']}/openapi.json").json()["info"]["title"] == "loftq-service"
