@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loftq.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+from loftq.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_keys
 from loftq.backbone import Backbone
 from loftq.checkpoint import INDEX_NAME, SourceCheckpoint, discover
 from loftq.errors import InvalidOptions, LoftQError
@@ -67,11 +67,11 @@ class _Outputs:
     def add(self, name: str, size: int, sha256: str) -> None:
         self.files[name] = {"path": name, "size": size, "sha256": sha256}
 
-    def publish(self, name: str, sha256: str | None = None) -> Path:
+    def publish(self, name: str, sha256: str | None = None) -> None:
         path = self.destination.staging_path(name)
-        self.add(name, path.stat().st_size, sha256 or sha256_file(path))
-        self.destination.publish(name)
-        return path
+        sha256 = sha256 or sha256_file(path)
+        self.add(name, path.stat().st_size, sha256)
+        self.destination.publish(name, sha256)
 
     def write_json(self, name: str, data: object) -> None:
         self.destination.staging_path(name).write_text(json.dumps(data, indent=2) + "\n")
@@ -189,7 +189,7 @@ def convert(
     progress("finalize", shards_total)
     if checkpoint.index is not None:
         outputs.write_json(INDEX_NAME, _output_index(checkpoint, shard_tensors))
-    _write_adapters(journal, checkpoint.shards, outputs)
+    _write_adapters(journal, layers, options.rank, outputs)
     outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
 
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -228,19 +228,27 @@ def _output_index(checkpoint: SourceCheckpoint, shard_tensors: dict[str, dict[st
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def _write_adapters(journal: Journal, shards: list[str], outputs: _Outputs) -> None:
-    """Merge the per-shard adapter files into one, a tensor at a time."""
-    headers = []
-    for shard in shards:
-        with journal.destination.open_local(journal.adapters_name(shard)) as path:
-            headers.append(read_header(path))
-    entries = [(i.name, i.dtype, i.shape) for h in headers for i in h.tensors.values()]
+def _write_adapters(journal: Journal, layers: list[LayerReport], rank: int, outputs: _Outputs) -> None:
+    """Merge the per-shard adapter files into one, a tensor at a time, reading each once.
+
+    The header is planned from the layer reports (lora_A is r×in, lora_B out×r, fp32), so
+    every per-shard file is fetched a single time even from object storage."""
+    entries = []
+    for layer in layers:
+        key_a, key_b = lora_keys(layer.module)
+        rows, cols = layer.shape
+        entries += [(key_a, "F32", (rank, cols)), (key_b, "F32", (rows, rank))]
+    by_shard: dict[str, list[LayerReport]] = {}
+    for layer in layers:
+        by_shard.setdefault(layer.shard, []).append(layer)
     path = journal.destination.staging_path(ADAPTER_WEIGHTS)
     with ShardWriter(path, entries, {"format": "pt"}) as writer:
-        for shard, header in zip(shards, headers):
+        for shard, shard_layers in by_shard.items():
             with journal.destination.open_local(journal.adapters_name(shard)) as shard_path:
-                for info in header.tensors.values():
-                    writer.write(info.name, read_tensor(shard_path, info))
+                header = read_header(shard_path)
+                for layer in shard_layers:
+                    for key in lora_keys(layer.module):
+                        writer.write(key, read_tensor(shard_path, header.tensors[key]))
         sha256 = writer.close()
     outputs.publish(ADAPTER_WEIGHTS, sha256)
 

@@ -33,8 +33,9 @@ class Destination(Protocol):
     def staging_path(self, name: str) -> Path:
         """A local path to write file ``name`` to; parent directories exist."""
 
-    def publish(self, name: str) -> None:
-        """The staged file is complete: make it part of the output (upload it, for object storage)."""
+    def publish(self, name: str, sha256: str | None = None) -> None:
+        """The staged file is complete: make it part of the output (upload it, for object
+        storage). ``sha256``, when the caller already has it, spares a second read."""
 
     def read_text(self, name: str) -> str | None:
         """The published file's text, or None when it does not exist."""
@@ -89,7 +90,7 @@ class LocalDestination:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def publish(self, name: str) -> None:
+    def publish(self, name: str, sha256: str | None = None) -> None:
         pass
 
     def read_text(self, name: str) -> str | None:
