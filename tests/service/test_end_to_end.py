@@ -248,3 +248,25 @@ def test_health_and_metrics(stack: dict) -> None:
     assert float(layer_count.split()[-1]) >= 13
     assert "loftq_job_duration_seconds_bucket" in text
     assert httpx.get(f"{stack['base']}/openapi.json").json()["info"]["title"] == "loftq-service"
+
+
+def test_loftq_jobs_command_against_the_real_server(stack: dict, tmp_path: Path) -> None:
+    def jobs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "loftq_client.cli", "--url", stack["base"], *args],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        )
+
+    submitted = jobs("submit", f"s3://{MODELS}/tiny-bert/", "--rank", "4", "--meta", "who=cli", "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[0]
+    assert job_id.startswith("job_")
+    status = jobs("status", job_id, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "succeeded"
+    logs = jobs("logs", job_id)
+    assert logs.returncode == 0 and "encoder.layer.0.attention.self.query" in logs.stdout
+    downloaded = jobs("download", job_id, str(tmp_path))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert (tmp_path / "loftq_init" / "adapter_model.safetensors").is_file()
+    missing = jobs("status", "job_missing")
+    assert missing.returncode == 2 and "[job_not_found]" in missing.stderr
