@@ -162,6 +162,7 @@ def convert(
             progress("layer", done, layer=layer, shard=shard)
 
         with source.open_local(shard) as in_path:
+            bytes_read = in_path.stat().st_size
             record = journal.finished(shard, lambda: sha256_file(in_path))
             if record is None:
                 result = convert_shard(
@@ -179,12 +180,12 @@ def convert(
             shard_tensors[shard] = record["tensors"]
             outputs.add(shard, record["size"], record["sha256"])
             resumed += 1
-            progress("shard", done + 1, shard=shard, skipped=True)
+            progress("shard", done + 1, shard=shard, skipped=True, bytes_read=bytes_read, bytes_written=record["size"])
             continue
         outputs.publish(shard, result.sha256)
         shard_tensors[shard] = result.tensors
         journal.record(shard, result.source_sha256, result.sha256, result.size, result.tensors, result.layers, result.adapters)
-        progress("shard", done + 1, shard=shard, bytes_written=result.size)
+        progress("shard", done + 1, shard=shard, bytes_read=bytes_read, bytes_written=result.size)
 
     progress("finalize", shards_total)
     if checkpoint.index is not None:

@@ -36,7 +36,8 @@ class ProgressEvent:
     shards_total: int
     layer: LayerReport | None = None
     shard: str | None = None
-    bytes_written: int = 0
+    bytes_read: int = 0  # of this shard's input, on "shard" events
+    bytes_written: int = 0  # of this shard's output, on "shard" events
     skipped: bool = False  # the shard was already finished by an earlier run
 
 

@@ -111,7 +111,7 @@ class JobRunner:
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started = time.monotonic()
         cancelled = False
-        written = 0
+        read = written = 0
 
         def should_stop() -> bool:
             nonlocal cancelled
@@ -119,7 +119,8 @@ class JobRunner:
             return cancelled
 
         def on_progress(event) -> None:  # loftq.report.ProgressEvent
-            nonlocal written
+            nonlocal read, written
+            read += event.bytes_read
             written += event.bytes_written
             if event.stage == "layer" and event.layer is not None:
                 layer = event.layer
@@ -148,6 +149,7 @@ class JobRunner:
                     layers_total=total,
                     shards_done=event.shards_done,
                     shards_total=event.shards_total,
+                    bytes_read=read,
                     bytes_written=written,
                     eta_seconds=eta,
                 ),

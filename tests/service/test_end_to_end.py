@@ -112,6 +112,8 @@ def test_raw_http_job_from_s3_succeeds_and_artifacts_load(stack: dict, tmp_path:
         assert job["state"] == "succeeded", job["error"]
         assert job["started_at"] and job["finished_at"] and job["summary"]["layers"] == 13
         assert job["progress"]["layers_done"] == job["progress"]["layers_total"] == 13
+        assert job["progress"]["bytes_read"] == (tiny_bert / "model.safetensors").stat().st_size
+        assert job["progress"]["bytes_written"] > 0
         events = client.get(f"/v1/jobs/{job['id']}/events").json()["events"]
         layer_events = [e for e in events if e["type"] == "layer"]
         assert [e["data"]["index"] for e in layer_events] == list(range(1, 14))
