@@ -5,8 +5,8 @@ bucket (AWS, MinIO, moto). Keys are POSIX relative paths ("jobs/<id>/manifest.js
 backends refuse keys that could escape their root ("..", absolute paths, NUL), so a key that
 is safe for one is safe for the other.
 
-No torch here: ``loftq.storage`` imports torch (through ``loftq.safetensors_io``), so the key
-check below mirrors ``loftq.storage.safe_relative`` instead of importing it.
+No torch here. The key check is stricter than ``loftq.storage.safe_relative``: it refuses
+non-canonical spellings instead of normalising them, because S3 treats them as other keys.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
 from loftq.errors import LoftQError
+from loftq.storage import sha256_file
 
 from api.settings import Settings
 
+_COPY_CHUNK = 8 << 20
 MULTIPART_THRESHOLD = 64 * 2**20
 """Files above this size are uploaded (and downloaded) in parts by the transfer manager."""
 
-_HASH_CHUNK = 8 << 20
 
 
 class UnsafeKey(LoftQError, ValueError):
@@ -88,14 +89,6 @@ def safe_prefix(prefix: str, *, allow_empty: bool = True) -> str:
     return prefix
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- local disk
 
 
@@ -119,7 +112,7 @@ class LocalObjectStore:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".upload")
         try:
             with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, _HASH_CHUNK)
+                shutil.copyfileobj(src, dst, _COPY_CHUNK)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -309,7 +302,7 @@ class S3ObjectStore:
         # Written by someone else: hash it as a stream (never whole in memory).
         digest = hashlib.sha256()
         with self.open_read(key) as body:
-            while chunk := body.read(_HASH_CHUNK):
+            while chunk := body.read(_COPY_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
 
