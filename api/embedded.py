@@ -67,17 +67,19 @@ def serve(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
          "--concurrency", "1", "--loglevel", "INFO", "-Q", settings.queue, "--hostname", "embedded@%h"],
         env={**os.environ, **env},
+        start_new_session=True,  # Ctrl-C reaches the API only; the worker is stopped in order below
     )
     typer.echo(f"loftq-service on http://{host}:{port} (no authentication: loopback only); data in {data_dir}", err=True)
     typer.echo(f"file:// sources allowed under: {', '.join(map(str, roots))}", err=True)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        worker.send_signal(signal.SIGTERM)
+        # The worker first (its running job records how it ended), the job store last.
+        os.killpg(worker.pid, signal.SIGTERM)
         try:
             worker.wait(30)
         except subprocess.TimeoutExpired:
-            worker.kill()
+            os.killpg(worker.pid, signal.SIGKILL)
         redis_process.terminate()
         redis_process.wait(10)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(redis.RedisError)
+    async def store_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("job store unreachable: %s", exc)
+        return _error(503, "unavailable", "the job store is unreachable; try again")
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

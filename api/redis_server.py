@@ -46,6 +46,7 @@ def start_redis_server(data_dir: Path, port: int | None = None, *, appendonly: b
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C meant for the service must not stop its job store first
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20

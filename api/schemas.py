@@ -43,9 +43,21 @@ class JobCreate(BaseModel):
         description="s3://bucket/prefix/, file:///path under an allowed root, or hf://org/name[@revision].",
         examples=["s3://models/llama-3-8b/", "file:///models/minilm"],
     )
-    output: str | None = Field(None, max_length=512, description="Artifact prefix (default: jobs/<id>/).")
+    output: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*/?$",
+        description="Artifact prefix, e.g. team/llama-3-8b-loftq/ (default: jobs/<id>/, which is reserved).",
+    )
     options: ConvertOptions = Field(default_factory=ConvertOptions)
     metadata: dict[str, str] = Field(default_factory=dict, description="Small string map kept with the job.")
+
+    @field_validator("output")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and (value.rstrip("/") == "jobs" or value.startswith("jobs/")):
+            raise ValueError("the jobs/ prefix is reserved for jobs without an output prefix")
+        return value
 
     @field_validator("metadata")
     @classmethod

@@ -1,6 +1,9 @@
 """LoftQ for one weight matrix (DESIGN §1), with the scaling folded into the adapters.
 
 Everything here works in PEFT's orientation (out×in) and in fp32 on the weight's device.
+
+With a ``Whitening`` (loftq.whitening) the low-rank step and the choice of iterate minimise
+the error in the metric of the layer's inputs instead of the plain Frobenius norm.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from loftq.lowrank import LowRank, exact_svd, randomized_svd
 from loftq.options import ConvertOptions
+from loftq.whitening import Whitening
 
 FakeQuantize = Callable[[torch.Tensor], torch.Tensor]
 """Maps a fp32 out×in matrix to the fp32 matrix its quantized form dequantizes to."""
@@ -27,9 +31,15 @@ class LayerFit:
     lora_a: torch.Tensor  # fp32, r×in
     lora_b: torch.Tensor  # fp32, out×r
     error_quant: float  # ‖W − quant(W)‖/‖W‖: plain quantization, no adapters
-    error: float  # ‖W − (q + scaling·B·A)‖/‖W‖ of the returned fit
+    error: float  # relative error of the returned fit in the objective's metric (see below)
     iter_errors: list[float] = field(default_factory=list)  # error of every iterate, in order
     best_iter: int = 1  # 1-based index of the iterate that was kept
+    # "weight": error is ‖W − (q + scaling·B·A)‖/‖W‖. "activation"/"activation-diag": error is
+    # ‖(W − (q + scaling·B·A))·S‖/‖W·S‖ with S·Sᵀ the damped second moment of the inputs.
+    objective: str = "weight"
+    weight_error: float = math.nan  # ‖W − (q_loaded + scaling·B·A)‖/‖W‖ whatever the objective
+    objective_error_quant: float = math.nan  # error_quant in the objective's metric
+    warnings: list[str] = field(default_factory=list)
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -49,6 +59,23 @@ def _solve(residual: torch.Tensor, options: ConvertOptions, generator: torch.Gen
     )
 
 
+def _solve_weighted(
+    residual: torch.Tensor, options: ConvertOptions, generator: torch.Generator, whitening: Whitening
+) -> LowRank:
+    """The best rank-r L in the metric: [(W − Q)·S]_r · S⁻¹, returned as the SVD of L itself.
+
+    The whitened solve gives L = (U·Σ)·(Vᵀ·S⁻¹), whose right factor is not orthonormal (and
+    is large where S is small), so splitting that product as-is would leave A much larger than
+    B. A QR of the right factor and an r×r SVD turn it into L's own SVD, which ``_adapters``
+    splits into equal norms at O(in·r²) cost, without forming L.
+    """
+    whitened = _solve(whitening.apply(residual), options, generator)
+    right = whitening.unapply(whitened.vh)  # r×in
+    basis, tri = torch.linalg.qr(right.T)  # right = triᵀ·basisᵀ, basis in×r orthonormal
+    u_small, s, vh_small = torch.linalg.svd(whitened.s[:, None] * tri.T, full_matrices=False)
+    return LowRank((whitened.u @ u_small).contiguous(), s, (vh_small @ basis.T).contiguous())
+
+
 def _adapters(low_rank: LowRank, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split u·s·vh into B (out×r) and A (r×in) with equal norms, divided by sqrt(scaling),
     so that PEFT's ``scaling·B·A`` reproduces the fit for any lora_alpha."""
@@ -62,28 +89,54 @@ def fit_layer(
     options: ConvertOptions,
     *,
     as_loaded: FakeQuantize | None = None,
+    whitening: Whitening | None = None,
 ) -> LayerFit:
     """Run T alternating iterations and keep the best iterate.
 
     ``as_loaded`` maps the kept Q to what the documented loader will rebuild from the stored
     backbone. When that differs from Q (bf16/fp16 storage), the adapters are fitted once more
     against the rebuilt matrix, so the reported error is the one a user gets after loading.
+
+    ``whitening`` (the metric of this layer's inputs) switches the objective: each low-rank
+    step is the weighted solve and every error, hence the kept iterate, is measured in that
+    metric. It decides the objective on its own; ``options.objective`` only says whether the
+    caller should build one. Without it the computation is exactly plain LoftQ.
     """
     w = weight.float()
     scaling = options.scaling
     generator = torch.Generator().manual_seed(options.seed)
+    if whitening is None:
+
+        def measure(approx: torch.Tensor) -> float:
+            return relative_error(w, approx)
+
+        def solve(residual: torch.Tensor) -> LowRank:
+            return _solve(residual, options, generator)
+    else:
+        if whitening.in_features != w.shape[1]:
+            raise ValueError(f"whitening is for {whitening.in_features} inputs, the weight has {w.shape[1]}")
+        whitening = whitening.to(w.device)
+        reference = whitening.norm(w).clamp_min(1e-30)  # ‖W·S‖, the same for every iterate
+
+        def measure(approx: torch.Tensor) -> float:  # == whitening.error(w, approx), W·S computed once
+            return float(whitening.norm(w - approx) / reference)
+
+        def solve(residual: torch.Tensor) -> LowRank:
+            return _solve_weighted(residual, options, generator, whitening)
+
     correction = torch.zeros_like(w)  # scaling·B·A of the previous iterate
     best: tuple[float, torch.Tensor, LowRank] | None = None
     errors: list[float] = []
-    error_quant = math.nan
+    error_quant = objective_error_quant = math.nan
     best_iter = 0
     for step in range(1, options.iters + 1):
         q = fake_quantize(w - correction)
         if step == 1:
             error_quant = relative_error(w, q)
-        low_rank = _solve(w - q, options, generator)
+            objective_error_quant = error_quant if whitening is None else measure(q)
+        low_rank = solve(w - q)
         correction = low_rank.matrix()
-        error = relative_error(w, q + correction)
+        error = measure(q + correction)
         errors.append(error)
         if best is None or error < best[0]:
             best, best_iter = (error, q, low_rank), step
@@ -91,8 +144,9 @@ def fit_layer(
     error, q, low_rank = best
     loaded = q if as_loaded is None else as_loaded(q)
     if not torch.equal(loaded, q):
-        low_rank = _solve(w - loaded, options, generator)
-        error = relative_error(w, loaded + low_rank.matrix())
+        low_rank = solve(w - loaded)
+        error = measure(loaded + low_rank.matrix())
+    weight_error = error if whitening is None else relative_error(w, loaded + low_rank.matrix())
     lora_a, lora_b = _adapters(low_rank, scaling)
     return LayerFit(
         q=q,
@@ -103,4 +157,8 @@ def fit_layer(
         error=error,
         iter_errors=errors,
         best_iter=best_iter,
+        objective="weight" if whitening is None else whitening.objective,
+        weight_error=weight_error,
+        objective_error_quant=objective_error_quant,
+        warnings=[] if whitening is None or whitening.warning is None else [whitening.warning],
     )

@@ -123,6 +123,8 @@ def convert(
     destination then holds no ``manifest.json``.
     """
     options = options or ConvertOptions()
+    if options.objective != "weight":
+        raise InvalidOptions(f"objective={options.objective!r} needs calibration data, which conversions cannot take yet")
     started = time.perf_counter()
     device = resolve_device(options.device)
     if device.type == "cuda":

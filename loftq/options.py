@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 QuantName = Literal["nf4", "fp4", "int8", "int", "nf2", "nf3"]
 SvdMethod = Literal["exact", "randomized"]
+Objective = Literal["weight", "activation", "activation-diag"]
 BackboneFormat = Literal["dequantized", "bnb-4bit"]
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
 
@@ -35,6 +36,20 @@ class ConvertOptions(BaseModel):
     svd_oversample: int = Field(32, ge=0, description="Extra columns of the randomized range finder.")
     svd_power_iters: int = Field(8, ge=0, description="Power iterations of the randomized range finder.")
     seed: int = Field(0, description="Seed of the randomized solver (results are reproducible).")
+    objective: Objective = Field(
+        "weight",
+        description=(
+            "What the per-layer fit minimises: 'weight': ‖W − Q − B·A‖ (plain LoftQ); 'activation': the error in the "
+            "metric of the layer's calibration inputs, ‖(W − Q − B·A)·H^½‖ with H = XᵀX/n; 'activation-diag': the same "
+            "with only diag(H) (cheaper, no Cholesky)."
+        ),
+    )
+    damping: float = Field(
+        0.01,
+        ge=0,
+        le=10,
+        description="Activation objectives: H + damping·mean(diag H)·I is used, so rarely-seen input directions still count and H is invertible.",
+    )
     target_modules: str | list[str] = Field(
         ALL_LINEAR,
         description="'all-linear', a list of module-name suffixes (e.g. q_proj), or a regex matched in full against module names.",

@@ -6,6 +6,7 @@ tested without a broker.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -16,11 +17,13 @@ import time
 import uuid
 from pathlib import Path
 
+import redis
+
 from api.errors import InvalidTransition, ServiceError
 from api.jobstore import JobStore
 from api.schemas import ErrorInfo, Job, JobState, JobSummary, Progress
 from api.settings import Settings
-from api.storage import store_from_settings
+from api.storage import ObjectStore, store_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -46,60 +49,65 @@ class JobRunner:
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    def run(self, job_id: str) -> None:
-        job = self.store.get(job_id)
-        if job.state.finished:
-            return  # a redelivered message for a job that already ended
-        if job.state is JobState.cancelling or self.store.cancel_requested(job_id):
-            self._end(job_id, JobState.cancelled)
-            return
+    def run(self, job_id: str) -> bool:
+        """Run the job unless it has ended. False: another worker holds its lease (a live
+        duplicate delivery, or a dead worker whose lease has not expired yet): try later."""
+        if self.store.get(job_id).state.finished:
+            return True  # a redelivered message for a job that already ended
         ttl = self.settings.lease_seconds
         if not self.store.acquire_lease(job_id, self.owner, ttl):
-            log.info("job %s is leased by another worker; not running it twice", job_id)
-            return
+            log.info("job %s is leased by another worker; retrying later", job_id)
+            return False
         keeper = _LeaseKeeper(self.store, job_id, self.owner, ttl)
         keeper.start()
         try:
-            self._run_leased(job)
+            self._run_leased(self.store.get(job_id))
         finally:
             keeper.stopped.set()
             self.store.release_lease(job_id, self.owner)
+        return True
 
     def _run_leased(self, job: Job) -> None:
-        attempts = self.store.increment_attempts(job.id)
-        if attempts > self.settings.max_attempts:
-            self._end(job.id, JobState.failed, ErrorInfo(code="worker_lost", message=f"gave up after {attempts - 1} attempts"))
+        artifacts = store_from_settings(self.settings)
+        for leftover in self._work_dir().glob(f"{job.id}-*"):  # scratch of an attempt that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        if job.state.finished:
             return
-        if job.state is JobState.queued:
-            self.store.transition(job.id, JobState.running)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir()))
+        if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
+            self._cancel(job, artifacts)
+            return
         try:
-            report = self._convert(job, scratch)
-        except BaseException as exc:  # noqa: BLE001 - every failure must end the job with a reason
-            self._fail(job, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        summary = JobSummary(
-            layers=report.summary.layers,
-            mean_error_quant=report.summary.mean_error_quant,
-            mean_error=report.summary.mean_error,
-            seconds=report.summary.seconds,
-        )
-        self.store.update_progress(job.id, self._progress(job.id, stage="done"))
-        self.store.observe_duration("job", report.summary.seconds)
-        self._end(job.id, JobState.succeeded, summary=summary)
+            attempts = self.store.increment_attempts(job.id)
+            if attempts > self.settings.max_attempts:
+                message = f"the job was delivered {attempts} times; its workers kept dying"
+                self._end(job.id, JobState.failed, ErrorInfo(code="worker_lost", message=message))
+                return
+            if job.state is JobState.queued:
+                self.store.transition(job.id, JobState.running)
+            scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir()))
+            try:
+                report = self._convert(job, scratch, artifacts)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            summary = JobSummary(
+                layers=report.summary.layers,
+                mean_error_quant=report.summary.mean_error_quant,
+                mean_error=report.summary.mean_error,
+                seconds=report.summary.seconds,
+            )
+            self.store.update_progress(job.id, self._progress(job.id, stage="done"))
+            self.store.observe_duration("job", report.summary.seconds)
+            self._end(job.id, JobState.succeeded, summary=summary)
+        except Exception as exc:  # every failure must end the job with a reason
+            self._fail(job, exc, artifacts)
 
     def _work_dir(self) -> Path:
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         return self.settings.work_dir
 
-    def _convert(self, job: Job, scratch: Path):  # -> loftq.report.Report
+    def _convert(self, job: Job, scratch: Path, artifacts: ObjectStore):  # -> loftq.report.Report
         # The engine (and torch) are imported here, in the worker's child process only.
         from loftq.converter import convert
-        from loftq.errors import Cancelled
 
         from worker.sources import ObjectStoreDestination, open_source
 
@@ -107,7 +115,6 @@ class JobRunner:
         if options.device == "auto" and self.settings.device != "auto":
             options = options.model_copy(update={"device": self.settings.device})
         source = open_source(job.request.source, self.settings, scratch / "source")
-        artifacts = store_from_settings(self.settings)
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started = time.monotonic()
         cancelled = False
@@ -155,35 +162,50 @@ class JobRunner:
                 ),
             )
 
-        try:
-            return convert(source, destination, options, on_progress=on_progress, should_stop=should_stop)
-        except Cancelled:
-            # Partial artifacts are removed: a cancelled job leaves nothing that looks usable.
-            artifacts.delete_prefix(job.output)
-            raise
+        return convert(source, destination, options, on_progress=on_progress, should_stop=should_stop)
 
     def _progress(self, job_id: str, *, stage: str) -> Progress:
         return self.store.get(job_id).progress.model_copy(update={"stage": stage, "eta_seconds": None})
 
-    def _fail(self, job: Job, exc: BaseException) -> None:
+    def _cancel(self, job: Job, artifacts: ObjectStore) -> None:
+        """Partial artifacts are removed: a cancelled job leaves nothing that looks usable."""
+        try:
+            artifacts.delete_prefix(job.output)
+        except Exception:
+            log.exception("could not remove the partial artifacts of cancelled job %s", job.id)
+        self._end(job.id, JobState.cancelled)
+
+    def _fail(self, job: Job, exc: Exception, artifacts: ObjectStore) -> None:
+        from celery.exceptions import SoftTimeLimitExceeded
         from loftq.errors import Cancelled, LoftQError
 
         if isinstance(exc, Cancelled):
-            self._end(job.id, JobState.cancelled)
+            self._cancel(job, artifacts)
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            limit = self.settings.job_timeout_seconds
+            self._end(job.id, JobState.failed, ErrorInfo(code="timeout", message=f"the job ran longer than {limit} s"))
         elif isinstance(exc, LoftQError):
             self._end(job.id, JobState.failed, ErrorInfo(code=exc.code, message=str(exc)))
         elif isinstance(exc, ServiceError):
             self._end(job.id, JobState.failed, ErrorInfo(code=exc.code, message=exc.message))
         elif isinstance(exc, MemoryError):
             self._end(job.id, JobState.failed, ErrorInfo(code="out_of_memory", message="the worker ran out of memory"))
-        elif isinstance(exc, OSError) and exc.errno == 28:
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             self._end(job.id, JobState.failed, ErrorInfo(code="disk_full", message=str(exc)))
         else:
             log.exception("job %s failed", job.id)
             self._end(job.id, JobState.failed, ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"))
 
     def _end(self, job_id: str, state: JobState, error: ErrorInfo | None = None, summary: JobSummary | None = None) -> None:
-        try:
-            self.store.transition(job_id, state, error=error, summary=summary)
-        except InvalidTransition:
-            log.info("job %s already ended; %s not recorded", job_id, state.value)
+        """Record the end state; a brief Redis outage must not leave the job running forever."""
+        for attempt in range(5):
+            try:
+                self.store.transition(job_id, state, error=error, summary=summary)
+                return
+            except InvalidTransition:
+                log.info("job %s already ended; %s not recorded", job_id, state.value)
+                return
+            except redis.RedisError:
+                if attempt == 4:
+                    raise
+                time.sleep(2**attempt)

@@ -39,7 +39,9 @@ def list_artifacts(job_id: str, request: Request, store: StoreDep, artifacts: Ar
     for path, artifact in sorted(files.items()):
         url = artifacts.presigned_url(job.output + path, settings.presign_expiry_seconds)
         if url is None:
-            url = str(request.url_for("download_artifact", job_id=job_id, path=path))
+            route = request.url_for("download_artifact", job_id=job_id, path=path)
+            # Behind a proxy the request's host is an internal one; LOFTQ_PUBLIC_URL is what clients reach.
+            url = f"{settings.public_url.rstrip('/')}{route.path}" if settings.public_url else str(route)
         listed.append(artifact.model_copy(update={"url": url}))
     return ArtifactList(job_id=job_id, artifacts=listed)
 
@@ -55,7 +57,10 @@ def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: Artifa
     if path == MANIFEST:
         body = iter([raw])
     else:
-        handle = artifacts.open_read(job.output + path)
+        try:
+            handle = artifacts.open_read(job.output + path)
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"{path!r} is listed in the manifest but missing from storage") from None
 
         def chunks():
             with handle:

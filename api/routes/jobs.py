@@ -16,6 +16,7 @@ from api.sources import parse_source_uri
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 HEARTBEAT_MS = 15_000
+EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
@@ -58,7 +59,7 @@ def cancel_job(job_id: str, store: StoreDep) -> Job:
 def list_events(
     job_id: str,
     store: StoreDep,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> EventPage:
     """Per-layer progress and state changes; pass ``next_after`` back as ``after``."""
@@ -67,18 +68,23 @@ def list_events(
 
 
 @router.get("/{job_id}/events/stream")
-def stream_events(job_id: str, store: StoreDep, after: Annotated[str | None, Query(max_length=64)] = None) -> StreamingResponse:
+def stream_events(
+    job_id: str, store: StoreDep, after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None
+) -> StreamingResponse:
     """The same events as server-sent events; the stream ends when the job has ended."""
     store.get(job_id)
 
     def frames() -> Iterator[str]:
         cursor = after
         while True:
+            # Read the state before the events: a job that ended in between still has its
+            # final event sent on the next turn.
+            finished = store.get(job_id).state.finished
             page = store.events(job_id, after=cursor)
             for event in page.events:
                 cursor = event.id
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
-            if store.get(job_id).state.finished and not page.events:
+            if finished and not page.events:
                 return
             if not page.events and not store.wait_events(job_id, after=cursor, timeout_ms=HEARTBEAT_MS):
                 yield ": heartbeat\n\n"

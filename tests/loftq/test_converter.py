@@ -638,3 +638,9 @@ def test_convert_with_storage_objects(tiny_bert: Path, tmp_path: Path) -> None:
     assert report.source == str(tiny_bert)
     for name in ("model.safetensors", ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         assert _sha256(tmp_path / "a" / name) == _sha256(tmp_path / "b" / name), name
+
+
+def test_calibrated_objectives_are_refused_until_calibration_data_can_be_given(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptions, match="calibration"):
+        convert_directory(tiny_bert, tmp_path, ConvertOptions(rank=4, objective="activation"))
+    assert not (tmp_path / "manifest.json").exists()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFac
         [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
          "--concurrency", "1", "--loglevel", "INFO", "-Q", "loftq-e2e", "--hostname", "e2e@%h"],
         env=env, stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # its pool children are stopped with it
     )
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
@@ -80,13 +82,13 @@ def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFac
         _wait_http(f"{base}/readyz", api)
         yield {"base": base, "s3": s3, "files_root": files_root, "logs": work}
     finally:
-        for process in (api, worker):
-            process.terminate()
+        api.terminate()
+        os.killpg(worker.pid, signal.SIGTERM)
         for process in (api, worker):
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL) if process is worker else process.kill()
 
 
 def _poll(client: httpx.Client, job_id: str, *, until: set[str], timeout: float = 240) -> tuple[dict, list[dict]]:
@@ -272,3 +274,18 @@ def test_loftq_jobs_command_against_the_real_server(stack: dict, tmp_path: Path)
     assert (tmp_path / "loftq_init" / "adapter_model.safetensors").is_file()
     missing = jobs("status", "job_missing")
     assert missing.returncode == 2 and "[job_not_found]" in missing.stderr
+
+
+@pytest.mark.parametrize("output", ["/", "../x", "a/../b", "jobs/", "jobs/job_0001/", "a//b"])
+def test_output_prefixes_that_could_touch_other_jobs_are_refused(stack: dict, output: str) -> None:
+    response = httpx.post(f"{stack['base']}/v1/jobs", json={"source": f"s3://{MODELS}/tiny-bert/", "output": output}, timeout=30)
+    assert response.status_code == 422, output
+    assert "output" in response.json()["error"]["message"]
+
+
+def test_a_malformed_event_cursor_is_422(stack: dict) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        job_id = client.post("/v1/jobs", json={"source": f"s3://{MODELS}/missing/"}).json()["id"]
+        for path in (f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/events/stream"):
+            response = client.get(path, params={"after": "garbage"})
+            assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
