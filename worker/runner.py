@@ -28,18 +28,32 @@ from api.storage import ObjectStore, store_from_settings
 log = logging.getLogger(__name__)
 
 
-class _LeaseKeeper(threading.Thread):
-    """Renews the job's lease while it runs; a dead worker's lease expires and frees the job."""
+class LeaseLost(Exception):
+    """Another worker owns the job now; this one must stop without recording an end."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, ttl: int) -> None:
+
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease while it runs; a dead worker's lease expires and frees the job.
+
+    A Redis hiccup does not stop the renewals; a lease that is really gone (expired and taken,
+    or deleted) sets ``lost``, which the running conversion checks between layers."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, ttl: float) -> None:
         super().__init__(daemon=True, name=f"lease-{job_id}")
         self.store, self.job_id, self.owner, self.ttl = store, job_id, owner, ttl
         self.stopped = threading.Event()
+        self.lost = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.ttl / 3):
-            if not self.store.renew_lease(self.job_id, self.owner, self.ttl):
+            try:
+                renewed = self.store.renew_lease(self.job_id, self.owner, self.ttl)
+            except redis.RedisError as exc:
+                log.warning("could not renew the lease of job %s (will retry): %s", self.job_id, exc)
+                continue
+            if not renewed:
                 log.warning("lost the lease of job %s", self.job_id)
+                self.lost.set()
                 return
 
 
@@ -48,6 +62,7 @@ class JobRunner:
         self.store = store
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.keeper: LeaseKeeper | None = None
 
     def run(self, job_id: str) -> bool:
         """Run the job unless it has ended. False: another worker holds its lease (a live
@@ -58,7 +73,7 @@ class JobRunner:
         if not self.store.acquire_lease(job_id, self.owner, ttl):
             log.info("job %s is leased by another worker; retrying later", job_id)
             return False
-        keeper = _LeaseKeeper(self.store, job_id, self.owner, ttl)
+        keeper = self.keeper = LeaseKeeper(self.store, job_id, self.owner, ttl)
         keeper.start()
         try:
             self._run_leased(self.store.get(job_id))
@@ -98,6 +113,8 @@ class JobRunner:
             self.store.update_progress(job.id, self._progress(job.id, stage="done"))
             self.store.observe_duration("job", report.summary.seconds)
             self._end(job.id, JobState.succeeded, summary=summary)
+        except LeaseLost as exc:
+            log.warning("%s; stopping without recording an end", exc)
         except Exception as exc:  # every failure must end the job with a reason
             self._fail(job, exc, artifacts)
 
@@ -122,6 +139,8 @@ class JobRunner:
 
         def should_stop() -> bool:
             nonlocal cancelled
+            if self.keeper is not None and self.keeper.lost.is_set():
+                raise LeaseLost(f"job {job.id} is leased by another worker now")
             cancelled = cancelled or self.store.cancel_requested(job.id)
             return cancelled
 
