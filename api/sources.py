@@ -25,7 +25,7 @@ def _segments_ok(uri: str, path: str) -> None:
         raise InvalidSource(f"{uri!r}: '.' and '..' path segments are not allowed")
 
 
-def _file_root_match(path: Path, roots: list[Path]) -> Path | None:
+def file_root_match(path: Path, roots: list[Path]) -> Path | None:
     for root in roots:
         real_root = Path(os.path.realpath(root))
         if path == real_root or path.is_relative_to(real_root):
@@ -85,7 +85,7 @@ def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
     if not settings.allowed_file_roots:
         raise InvalidSource(f"{uri!r}: file:// sources are disabled (no allowed_file_roots are configured)")
     real = Path(os.path.realpath(path))
-    if _file_root_match(real, list(settings.allowed_file_roots)) is None:
+    if file_root_match(real, list(settings.allowed_file_roots)) is None:
         raise InvalidSource(f"{uri!r}: {real} is outside the allowed file roots")
     return ("file", str(real))
 

@@ -24,7 +24,7 @@ from typing import Any
 from loftq.errors import LoftQError, SourceNotFound
 
 from api.settings import Settings
-from api.sources import _file_root_match, parse_source_uri
+from api.sources import file_root_match, parse_source_uri
 from api.storage import ObjectStore, S3ObjectStore, sha256_file, safe_key
 
 def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
@@ -56,7 +56,7 @@ def _confined_local_source() -> type:
         @contextlib.contextmanager
         def open_local(self, name: str) -> Iterator[Path]:
             with super().open_local(name) as path:
-                if _file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
+                if file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
                     raise LoftQError("file leads outside the allowed file roots", path=name)
                 yield path
 
