@@ -47,3 +47,15 @@ class Cancelled(LoftQError):
 
 class MissingDependency(LoftQError):
     code = "missing_dependency"
+
+
+class InvalidCalibrationData(LoftQError):
+    """Calibration text that cannot be read or tokenised into the requested sequences."""
+
+    code = "invalid_calibration_data"
+
+
+class UnsupportedArchitecture(LoftQError):
+    """A calibrated conversion of an architecture whose blocks cannot be streamed one by one."""
+
+    code = "unsupported_architecture"

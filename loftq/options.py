@@ -15,9 +15,40 @@ QuantName = Literal["nf4", "fp4", "int8", "int", "nf2", "nf3"]
 SvdMethod = Literal["exact", "randomized"]
 Objective = Literal["weight", "activation", "activation-diag"]
 BackboneFormat = Literal["dequantized", "bnb-4bit"]
+Propagation = Literal["full-precision", "initialised"]
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
 
 ALL_LINEAR = "all-linear"
+
+
+class CalibrationOptions(BaseModel):
+    """How calibration text is turned into activations, and what is measured with it.
+
+    Used only when a conversion is given calibration data (``objective`` activation or
+    activation-diag, or ``evaluate``). Decoders get ``samples`` windows of ``seq_len`` tokens
+    cut from the concatenated documents; encoders get one document per sequence, truncated
+    to ``seq_len``. The held-out sequences are drawn first and never used for fitting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(64, ge=1, le=4096, description="Calibration sequences (N).")
+    seq_len: int = Field(512, ge=8, le=32768, description="Tokens per sequence (L); capped at the model's maximum length.")
+    eval_samples: int = Field(16, ge=0, le=4096, description="Held-out sequences for evaluate (not used for fitting).")
+    seed: int = Field(0, description="Seed of the sampling of sequences.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass through a block.")
+    propagation: Propagation = Field(
+        "initialised",
+        description=(
+            "What block k+1 is calibrated on: 'initialised' feeds it the outputs of the already initialised "
+            "blocks (Q + scaling·B·A), so later layers adapt to earlier layers' quantization; 'full-precision' "
+            "feeds it the original model's activations."
+        ),
+    )
+    evaluate: bool = Field(
+        False,
+        description="Measure held-out perplexity (decoders) and output similarity of the full-precision, plainly quantized and initialised models.",
+    )
 
 
 class ConvertOptions(BaseModel):
@@ -49,6 +80,9 @@ class ConvertOptions(BaseModel):
         ge=0,
         le=10,
         description="Activation objectives: H + damping·mean(diag H)·I is used, so rarely-seen input directions still count and H is invertible.",
+    )
+    calibration: CalibrationOptions = Field(
+        default_factory=CalibrationOptions, description="Calibration and evaluation settings (used only with calibration data)."
     )
     target_modules: str | list[str] = Field(
         ALL_LINEAR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from statistics import fmean
 from typing import Any
@@ -14,11 +15,24 @@ class LayerReport:
     shard: str
     shape: tuple[int, int]  # out×in
     fan_in_fan_out: bool
-    error_quant: float  # relative Frobenius error of plain quantization
-    error: float  # relative Frobenius error of Q + scaling·B·A, as loaded
-    iter_errors: list[float]
+    error_quant: float  # ‖W − quant(W)‖/‖W‖: plain quantization
+    error: float  # ‖W − (Q + scaling·B·A)‖/‖W‖ as loaded, whatever the objective
+    iter_errors: list[float]  # every iterate's error in the objective's metric
     best_iter: int
     seconds: float
+    # The objective's metric ("weight": the same numbers as error_quant/error; "activation",
+    # "activation-diag": ‖(W − ·)·S‖/‖W·S‖ with S·Sᵀ the damped second moment of the inputs).
+    objective: str = "weight"
+    objective_error_quant: float = math.nan
+    objective_error: float = math.nan
+    block: int | None = None  # transformer block index (calibrated conversions)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.objective_error_quant):
+            self.objective_error_quant = self.error_quant
+        if math.isnan(self.objective_error):
+            self.objective_error = self.error
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:
@@ -29,7 +43,7 @@ class LayerReport:
 class ProgressEvent:
     """Sent after each layer (``stage='layer'``) and at shard and run boundaries."""
 
-    stage: str  # "start", "layer", "shard", "finalize", "done"
+    stage: str  # "start", "calibration", "layer", "shard", "finalize", "done"
     layers_done: int
     layers_total: int
     shards_done: int
@@ -39,6 +53,43 @@ class ProgressEvent:
     bytes_read: int = 0  # of this shard's input, on "shard" events
     bytes_written: int = 0  # of this shard's output, on "shard" events
     skipped: bool = False  # the shard was already finished by an earlier run
+    blocks_done: int = 0  # calibrated conversions: transformer blocks fitted so far
+    blocks_total: int = 0
+
+
+@dataclass
+class Evaluation:
+    """Held-out quality of the full-precision, plainly quantized and initialised models.
+
+    ``cosine_*`` is the mean cosine similarity, to the full-precision model, of each held-out
+    sequence's mean-pooled final hidden state (the sentence embedding of encoders).
+    ``perplexity_*`` is set for causal language models; ``gap_recovered`` is the share of the
+    quantization's perplexity gap the adapters close: (ppl_quantized − ppl_initialised) /
+    (ppl_quantized − ppl_full_precision), or, without perplexity, the same on 1 − cosine.
+    """
+
+    sequences: int
+    tokens: int
+    cosine_quantized: float
+    cosine_initialised: float
+    perplexity_full_precision: float | None = None
+    perplexity_quantized: float | None = None
+    perplexity_initialised: float | None = None
+    gap_recovered: float | None = None
+
+
+@dataclass
+class Calibration:
+    """What the activation statistics were computed from."""
+
+    sha256: str  # of the calibration text as read (files in sorted order)
+    documents: int
+    sequences: int
+    tokens: int
+    seq_len: int
+    packed: bool  # windows cut from concatenated documents (decoders) or one document per sequence
+    propagation: str
+    blocks: int
 
 
 @dataclass
@@ -51,6 +102,10 @@ class Summary:
     peak_device_mb: float | None
     shards: int
     shards_resumed: int
+    objective: str = "weight"
+    mean_objective_error_quant: float = 0.0
+    mean_objective_error: float = 0.0
+    evaluation: Evaluation | None = None
 
 
 @dataclass
@@ -64,15 +119,24 @@ class Report:
     versions: dict[str, str]
     summary: Summary
     layers: list[LayerReport] = field(default_factory=list)
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _mean(values: list[float]) -> float:
+    return fmean(values) if values else 0.0
+
+
 def summarize(layers: list[LayerReport], **extra: Any) -> Summary:
+    objectives = {layer.objective for layer in layers}
     return Summary(
         layers=len(layers),
-        mean_error_quant=fmean(layer.error_quant for layer in layers) if layers else 0.0,
-        mean_error=fmean(layer.error for layer in layers) if layers else 0.0,
+        mean_error_quant=_mean([layer.error_quant for layer in layers]),
+        mean_error=_mean([layer.error for layer in layers]),
+        objective=objectives.pop() if len(objectives) == 1 else "mixed" if objectives else "weight",
+        mean_objective_error_quant=_mean([layer.objective_error_quant for layer in layers]),
+        mean_objective_error=_mean([layer.objective_error for layer in layers]),
         **extra,
     )
