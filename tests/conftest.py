@@ -129,3 +129,180 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return s3_endpoint
+
+
+# --- Calibrated LoftQ: calibration text, a real trained tokenizer, and tiny checkpoints that ship it ---
+#
+# Calibration runs text through the model with the checkpoint's own tokenizer, so these checkpoints
+# carry tokenizer files, and their vocab_size is the tokenizer's length. Every linear layer's input and
+# output width is a multiple of 64 (GQA models get head_dim 16 with 8 query and 4 key/value heads).
+
+DATA_DIR = Path(__file__).parent / "data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def add_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
+    """Copy the tokenizer files of ``tokenizer_dir`` into a checkpoint directory."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, model_dir / name)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def calibration_text() -> Path:
+    """About 200 everyday English sentences, one per line."""
+    return DATA_DIR / "calibration.txt"
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer (512 entries) trained on calibration.txt, saved the transformers way.
+
+    It adds ``<s> … </s>`` around a text when special tokens are asked for (as an encoder tokenizer
+    would). ``<unk>`` is declared because transformers 5's Qwen2Tokenizer otherwise appends its own
+    ``<|endoftext|>`` as an unknown token, and len(tokenizer) would exceed the model's vocab_size.
+    """
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<pad>", "<unk>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(DATA_DIR / "calibration.txt")], vocab_size=512, min_frequency=2, special_tokens=specials, show_progress=False)
+    bos, eos = bpe.token_to_id("<s>"), bpe.token_to_id("</s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    path = tmp_path_factory.mktemp("bpe-tokenizer")
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _calibrated_checkpoint(
+    path: Path, model: torch.nn.Module, tokenizer_dir: Path, max_shard_size: str | None = None
+) -> Path:
+    return add_tokenizer(_save(model, path, max_shard_size), tokenizer_dir)
+
+
+def _token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+_DECODER_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 128}
+_GQA = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def calib_llama(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """bf16, sharded into several files, untied lm_head, grouped-query attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(10)
+    config = LlamaConfig(
+        **_token_ids(bpe_tokenizer_dir), **{**_DECODER_SHAPE, "intermediate_size": 192}, **_GQA, tie_word_embeddings=False
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-llama"), model, bpe_tokenizer_dir, "60KB")
+
+
+@pytest.fixture(scope="session")
+def calib_mistral(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp32, grouped-query attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(11)
+    config = MistralConfig(**_token_ids(bpe_tokenizer_dir), **_DECODER_SHAPE, **_GQA)
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-mistral"), MistralForCausalLM(config), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_qwen2(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp32, tied lm_head, biases on q/k/v."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(12)
+    config = Qwen2Config(
+        **_token_ids(bpe_tokenizer_dir), **_DECODER_SHAPE, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True
+    )
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-qwen2"), Qwen2ForCausalLM(config), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_gemma(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp32, head_dim 16 (Gemma's head_dim is independent of hidden/heads), tied head, scaled embeddings."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(13)
+    config = GemmaConfig(**_token_ids(bpe_tokenizer_dir), **_DECODER_SHAPE, **_GQA)
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-gemma"), GemmaForCausalLM(config), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_gemma2(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp32; layer 0 attends through a 32-token sliding window and layer 1 globally, so the two
+    layers need different attention masks once sequences are longer than 32 tokens."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(14)
+    config = Gemma2Config(
+        **_token_ids(bpe_tokenizer_dir),
+        **_DECODER_SHAPE,
+        **_GQA,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-gemma2"), Gemma2ForCausalLM(config), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_gpt2(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp16, Conv1D layers (in×out), tied head, learned positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(15)
+    ids = _token_ids(bpe_tokenizer_dir)
+    config = GPT2Config(
+        vocab_size=ids["vocab_size"],
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+    )
+    model = GPT2LMHeadModel(config).to(torch.float16)
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-gpt2"), model, bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_bert(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """fp32 BertModel (an encoder: one document per sequence, padded, with <s> … </s>)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(16)
+    ids = _token_ids(bpe_tokenizer_dir)
+    config = BertConfig(
+        vocab_size=ids["vocab_size"],
+        pad_token_id=ids["pad_token_id"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-bert"), BertModel(config), bpe_tokenizer_dir)
