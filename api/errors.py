@@ -27,6 +27,35 @@ class InvalidSource(ServiceError):
     code = "invalid_source"
 
 
+class InvalidRequest(ServiceError):
+    """A request that pydantic accepts field by field but whose fields do not fit together."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class InvalidCalibrationSource(ServiceError):
+    """A ``calibration_data`` URI refused before queueing (same code as calibration text the
+    engine cannot use, so a client learns which field to fix either way)."""
+
+    status = 422
+    code = "invalid_calibration_data"
+
+
+class CalibrationDataNotFound(ServiceError):
+    """The calibration URI names nothing the worker can read (raised in the worker)."""
+
+    status = 404
+    code = "calibration_data_not_found"
+
+
+class CalibrationDataTooLarge(ServiceError):
+    """More calibration text than ``calibration_max_bytes`` (raised in the worker, before any download)."""
+
+    status = 413
+    code = "calibration_data_too_large"
+
+
 class JobNotFinished(ServiceError):
     status = 409
     code = "job_not_finished"

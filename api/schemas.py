@@ -50,6 +50,16 @@ class JobCreate(BaseModel):
         description="Artifact prefix, e.g. team/llama-3-8b-loftq/ (default: jobs/<id>/, which is reserved).",
     )
     options: ConvertOptions = Field(default_factory=ConvertOptions)
+    calibration_data: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "Calibration text (.txt, or .jsonl with a \"text\" field): file:///path under an allowed root (a file or a "
+            "directory), s3://bucket/key.txt (one object) or s3://bucket/prefix/ (every .txt/.jsonl object under it). "
+            "Required when options.objective is not 'weight' or options.calibration.evaluate is true."
+        ),
+        examples=["s3://datasets/wikitext-2/train.txt", "s3://datasets/calibration/"],
+    )
     metadata: dict[str, str] = Field(default_factory=dict, description="Small string map kept with the job.")
 
     @field_validator("output")
@@ -73,9 +83,11 @@ class ErrorInfo(BaseModel):
 
 
 class Progress(BaseModel):
-    stage: str = "queued"  # queued, downloading, converting, uploading, finalizing, done
+    stage: str = "queued"  # queued, downloading, calibrating, converting, uploading, finalizing, done
     layers_done: int = 0
     layers_total: int = 0
+    blocks_done: int = 0  # calibrated conversions: transformer blocks fitted so far
+    blocks_total: int = 0
     shards_done: int = 0
     shards_total: int = 0
     bytes_read: int = 0
@@ -83,11 +95,44 @@ class Progress(BaseModel):
     eta_seconds: float | None = None
 
 
+class EvaluationSummary(BaseModel):
+    """Held-out quality (``loftq.report.Evaluation``): the full-precision, plainly quantized and
+    initialised models on calibration sequences never used for fitting. Numbers are optional
+    because a degenerate measurement (NaN, inf) is stored as null."""
+
+    sequences: int
+    tokens: int
+    cosine_quantized: float | None = None
+    cosine_initialised: float | None = None
+    perplexity_full_precision: float | None = None
+    perplexity_quantized: float | None = None
+    perplexity_initialised: float | None = None
+    gap_recovered: float | None = None
+
+
+class CalibrationSummary(BaseModel):
+    """What the activation statistics were computed from (``loftq.report.Calibration``)."""
+
+    sha256: str
+    documents: int
+    sequences: int
+    tokens: int
+    seq_len: int
+    packed: bool
+    propagation: str
+    blocks: int
+
+
 class JobSummary(BaseModel):
     layers: int
     mean_error_quant: float
     mean_error: float
     seconds: float
+    objective: str = "weight"
+    mean_objective_error_quant: float | None = None  # the objective's metric (= the weight errors for "weight")
+    mean_objective_error: float | None = None
+    evaluation: EvaluationSummary | None = None
+    calibration: CalibrationSummary | None = None
 
 
 class Artifact(BaseModel):

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     allowed_file_roots: list[Path] = Field(default_factory=list, description="Directories file:// sources may read.")
     work_dir: Path = Field(Path("./loftq-data/work"), description="Worker scratch space (one source shard at a time).")
     max_model_bytes: int = Field(200 * 2**30, ge=1, description="Largest source checkpoint accepted.")
+    calibration_max_bytes: int = Field(
+        2**30, ge=1, description="Most calibration text one job may read (all its .txt/.jsonl files together)."
+    )
 
     job_retention_seconds: int = Field(30 * 24 * 3600, ge=60, description="How long finished job records are kept.")
     job_timeout_seconds: int = Field(6 * 3600, ge=60, description="Longest job; the broker's visibility timeout is above it.")

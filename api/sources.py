@@ -1,17 +1,25 @@
-"""Validation of job source URIs: s3://bucket/prefix/, file:// under the allowed roots,
-hf://org/name[@revision]. Torch-free, so the API refuses a bad source before queueing."""
+"""Validation of a job's input URIs: the source (s3://bucket/prefix/, file:// under the
+allowed roots, hf://org/name[@revision]) and the calibration text (file://, s3://bucket/key,
+s3://bucket/prefix/). Torch-free, so the API refuses a bad request before queueing and the
+worker re-checks with the very same rules before it reads anything."""
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
-from api.errors import InvalidSource
+from api.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
 from api.settings import Settings
 
+if TYPE_CHECKING:
+    from api.schemas import JobCreate
+
 SCHEMES = ("s3", "file", "hf")
+CALIBRATION_SUFFIXES = (".txt", ".jsonl")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_REVISION = re.compile(r"[A-Za-z0-9._/-]+")
@@ -41,20 +49,26 @@ def parse_source_uri(uri: str, settings: Settings) -> tuple[str, ...]:
       inside one of ``settings.allowed_file_roots``
     * ``("hf", "org/name", revision)`` for ``hf://org/name[@revision]`` (revision "" = default branch)
     """
-    if not isinstance(uri, str) or not uri:
-        raise InvalidSource("the source URI is empty")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
-        raise InvalidSource("the source URI contains NUL or control characters")
-    scheme, sep, rest = uri.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in SCHEMES:
-        shown = scheme if sep else "(none)"
-        raise InvalidSource(f"{uri!r}: unsupported scheme {shown}; use s3://bucket/prefix, file:///path or hf://org/name[@revision]")
+    scheme, rest = _split(uri, SCHEMES, "s3://bucket/prefix, file:///path or hf://org/name[@revision]")
     if scheme == "s3":
         return _parse_s3(uri, rest)
     if scheme == "file":
         return _parse_file(uri, rest, settings)
     return _parse_hf(uri, rest)
+
+
+def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
+    """(scheme in lower case, the rest after ://) of a URI free of control characters."""
+    if not isinstance(uri, str) or not uri:
+        raise InvalidSource("the URI is empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise InvalidSource("the URI contains NUL or control characters")
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in schemes:
+        shown = scheme if sep else "(none)"
+        raise InvalidSource(f"{uri!r}: unsupported scheme {shown}; use {forms}")
+    return scheme, rest
 
 
 def _parse_s3(uri: str, rest: str) -> tuple[str, ...]:
@@ -83,7 +97,7 @@ def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
         raise InvalidSource(f"{uri!r}: the path contains NUL")
     _segments_ok(uri, path)  # again after decoding: %2e%2e is '..'
     if not settings.allowed_file_roots:
-        raise InvalidSource(f"{uri!r}: file:// sources are disabled (no allowed_file_roots are configured)")
+        raise InvalidSource(f"{uri!r}: file:// URIs are disabled (no allowed_file_roots are configured)")
     real = Path(os.path.realpath(path))
     if file_root_match(real, list(settings.allowed_file_roots)) is None:
         raise InvalidSource(f"{uri!r}: {real} is outside the allowed file roots")
@@ -100,3 +114,68 @@ def _parse_hf(uri: str, rest: str) -> tuple[str, ...]:
     if at and (not _HF_REVISION.fullmatch(revision) or ".." in revision.split("/") or "//" in revision):
         raise InvalidSource(f"{uri!r}: {revision!r} is not a valid revision")
     return ("hf", repo_id, revision)
+
+
+# --------------------------------------------------------------------------- calibration text
+
+
+@dataclass(frozen=True)
+class CalibrationLocation:
+    """Where a job's calibration text lies, as ``parse_calibration_uri`` checked it.
+
+    ``file``: ``path`` is the real local path (a file or a directory). ``s3``: ``key`` is one
+    object, or with ``prefix`` every .txt/.jsonl object under ``key/`` ("" = the whole bucket)."""
+
+    scheme: Literal["file", "s3"]
+    path: str = ""
+    bucket: str = ""
+    key: str = ""
+    prefix: bool = False
+
+
+_CALIBRATION_FORMS = "file:///path, s3://bucket/key.txt (one object) or s3://bucket/prefix/ (every .txt/.jsonl under it)"
+
+
+def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
+    """Check a ``calibration_data`` URI with the source's rules (allowed file roots, no '..',
+    valid bucket names); InvalidCalibrationSource naming the field otherwise. A trailing slash
+    makes an s3:// URI a prefix; without one it must name a .txt or .jsonl object."""
+    try:
+        scheme, rest = _split(uri, ("file", "s3"), _CALIBRATION_FORMS)
+        if scheme == "file":
+            return CalibrationLocation("file", path=_parse_file(uri, rest, settings)[1])
+        _, bucket, key = _parse_s3(uri, rest)
+    except InvalidSource as exc:
+        raise InvalidCalibrationSource(f"calibration_data: {exc.message}") from None
+    if not key or rest.endswith("/"):
+        return CalibrationLocation("s3", bucket=bucket, key=key, prefix=True)
+    if PurePosixPath(key).suffix.lower() not in CALIBRATION_SUFFIXES:
+        raise InvalidCalibrationSource(
+            f"calibration_data: {uri!r} must name a .txt or .jsonl object, or end with / to read every such object under a prefix"
+        )
+    return CalibrationLocation("s3", bucket=bucket, key=key)
+
+
+def needs_calibration_data(request: JobCreate) -> str | None:
+    """Why the request's options need calibration text (None when they do not)."""
+    options = request.options
+    if options.objective != "weight":
+        return f"options.objective={options.objective!r} fits each layer in the metric of its calibration inputs"
+    if options.calibration.evaluate:
+        return "options.calibration.evaluate=true measures the model on held-out calibration text"
+    return None
+
+
+def check_job_inputs(request: JobCreate, settings: Settings) -> None:
+    """Everything about a job request that pydantic cannot check field by field: the source
+    and calibration URIs, and calibration data being given when the options need it."""
+    parse_source_uri(request.source, settings)
+    if request.calibration_data is not None:
+        parse_calibration_uri(request.calibration_data, settings)
+        return
+    reason = needs_calibration_data(request)
+    if reason is not None:
+        raise InvalidRequest(
+            f"calibration_data: required: {reason}; add calibration_data ({_CALIBRATION_FORMS}), "
+            "or use options.objective='weight' without evaluate"
+        )

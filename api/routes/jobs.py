@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import QueueDep, SettingsDep, StoreDep
 from api.errors import Unavailable
 from api.schemas import ErrorInfo, EventPage, Job, JobCreate, JobPage, JobState
-from api.sources import parse_source_uri
+from api.sources import check_job_inputs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 HEARTBEAT_MS = 15_000
@@ -21,8 +21,9 @@ EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
 def create_job(body: JobCreate, response: Response, store: StoreDep, queue: QueueDep, settings: SettingsDep) -> Job:
-    """Queue a conversion. Returns at once; poll the job or follow its events."""
-    parse_source_uri(body.source, settings)
+    """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
+    options that need calibration data without it are 422 here, not a failed job later."""
+    check_job_inputs(body, settings)
     job = store.create(body)
     try:
         queue.enqueue(job.id)
