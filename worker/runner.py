@@ -6,8 +6,10 @@ tested without a broker.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import math
 import os
 import shutil
 import socket
@@ -21,11 +23,14 @@ import redis
 
 from api.errors import InvalidTransition, ServiceError
 from api.jobstore import JobStore
-from api.schemas import ErrorInfo, Job, JobState, JobSummary, Progress
+from api.schemas import CalibrationSummary, ErrorInfo, EvaluationSummary, Job, JobState, JobSummary, Progress
 from api.settings import Settings
 from api.storage import ObjectStore, store_from_settings
 
 log = logging.getLogger(__name__)
+
+# Engine progress stages (loftq.report.ProgressEvent.stage) as the job's progress shows them.
+STAGES = {"start": "converting", "calibration": "calibrating", "layer": "converting", "shard": "converting"}
 
 
 class LeaseLost(Exception):
@@ -104,12 +109,7 @@ class JobRunner:
                 report = self._convert(job, scratch, artifacts)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            summary = JobSummary(
-                layers=report.summary.layers,
-                mean_error_quant=report.summary.mean_error_quant,
-                mean_error=report.summary.mean_error,
-                seconds=report.summary.seconds,
-            )
+            summary = job_summary(report)
             self.store.update_progress(job.id, self._progress(job.id, stage="done"))
             self.store.observe_duration("job", report.summary.seconds)
             self._end(job.id, JobState.succeeded, summary=summary)
@@ -126,16 +126,21 @@ class JobRunner:
         # The engine (and torch) are imported here, in the worker's child process only.
         from loftq.converter import convert
 
-        from worker.sources import ObjectStoreDestination, open_source
+        from worker.sources import ObjectStoreDestination, fetch_calibration_data, open_source
 
         options = job.request.options
         if options.device == "auto" and self.settings.device != "auto":
             options = options.model_copy(update={"device": self.settings.device})
+        calibration_data = None
+        if job.request.calibration_data is not None:
+            self.store.update_progress(job.id, self._progress(job.id, stage="downloading"))
+            calibration_data = fetch_calibration_data(job.request.calibration_data, self.settings, scratch / "calibration")
         source = open_source(job.request.source, self.settings, scratch / "source")
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started = time.monotonic()
         cancelled = False
         read = written = 0
+        blocks_done = blocks_total = 0
 
         def should_stop() -> bool:
             nonlocal cancelled
@@ -145,34 +150,25 @@ class JobRunner:
             return cancelled
 
         def on_progress(event) -> None:  # loftq.report.ProgressEvent
-            nonlocal read, written
+            nonlocal read, written, blocks_done, blocks_total
             read += event.bytes_read
             written += event.bytes_written
-            if event.stage == "layer" and event.layer is not None:
-                layer = event.layer
-                self.store.observe_duration("layer", layer.seconds)
-                self.store.add_event(
-                    job.id,
-                    "layer",
-                    {
-                        "module": layer.module,
-                        "index": event.layers_done,
-                        "total": event.layers_total,
-                        "error_quant": layer.error_quant,
-                        "error": layer.error,
-                        "seconds": layer.seconds,
-                    },
-                )
+            if event.blocks_total:  # later (shard) events of a calibrated run do not repeat them
+                blocks_done, blocks_total = event.blocks_done, event.blocks_total
+            if event.stage in ("layer", "calibration") and event.layer is not None:
+                self.store.observe_duration("layer", event.layer.seconds)
+                self.store.add_event(job.id, "layer", layer_event(event))
             elapsed = time.monotonic() - started
             done, total = event.layers_done, event.layers_total
             eta = elapsed / done * (total - done) if done else None
-            stage = {"start": "converting", "layer": "converting", "shard": "converting"}.get(event.stage, event.stage)
             self.store.update_progress(
                 job.id,
                 Progress(
-                    stage=stage,
+                    stage=STAGES.get(event.stage, event.stage),
                     layers_done=done,
                     layers_total=total,
+                    blocks_done=blocks_done,
+                    blocks_total=blocks_total,
                     shards_done=event.shards_done,
                     shards_total=event.shards_total,
                     bytes_read=read,
@@ -181,7 +177,9 @@ class JobRunner:
                 ),
             )
 
-        return convert(source, destination, options, on_progress=on_progress, should_stop=should_stop)
+        return convert(
+            source, destination, options, calibration_data=calibration_data, on_progress=on_progress, should_stop=should_stop
+        )
 
     def _progress(self, job_id: str, *, stage: str) -> Progress:
         return self.store.get(job_id).progress.model_copy(update={"stage": stage, "eta_seconds": None})
@@ -228,3 +226,54 @@ class JobRunner:
                 if attempt == 4:
                     raise
                 time.sleep(2**attempt)
+
+
+# --------------------------------------------------------------------------- report → job
+
+
+def _finite(value: float | None) -> float | None:
+    """NaN and inf do not survive JSON; a measurement that produced one is stored as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def layer_event(event) -> dict:  # loftq.report.ProgressEvent with a layer
+    """The data of a job's "layer" event; calibrated runs add the block and the objective's errors."""
+    layer = event.layer
+    data = {
+        "module": layer.module,
+        "index": event.layers_done,
+        "total": event.layers_total,
+        "error_quant": layer.error_quant,
+        "error": layer.error,
+        "seconds": layer.seconds,
+    }
+    if layer.block is not None:
+        data["block"] = layer.block
+    if layer.objective != "weight":
+        data["objective"] = layer.objective
+        data["objective_error_quant"] = _finite(layer.objective_error_quant)
+        data["objective_error"] = _finite(layer.objective_error)
+    return data
+
+
+def job_summary(report) -> JobSummary:  # report: loftq.report.Report
+    """What the job record keeps of the report: the error means, and for calibrated runs the
+    held-out evaluation and what the calibration read (the full report is an artifact)."""
+    summary = report.summary
+    evaluation = summary.evaluation
+    calibration = report.calibration
+    return JobSummary(
+        layers=summary.layers,
+        mean_error_quant=summary.mean_error_quant,
+        mean_error=summary.mean_error,
+        seconds=summary.seconds,
+        objective=summary.objective,
+        mean_objective_error_quant=_finite(summary.mean_objective_error_quant),
+        mean_objective_error=_finite(summary.mean_objective_error),
+        evaluation=None
+        if evaluation is None
+        else EvaluationSummary(
+            **{k: _finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(evaluation).items()}
+        ),
+        calibration=None if calibration is None else CalibrationSummary(**dataclasses.asdict(calibration)),
+    )

@@ -7,7 +7,12 @@ the worker's scratch directory and deletes it when the ``with`` block exits, so 
 sits whole on local disk. The destination stages one output file at a time and uploads it as
 soon as the engine says it is complete.
 
-Source URIs are validated by ``api.sources.parse_source_uri``.
+Calibration text (``fetch_calibration_data``) is read whole by the engine, so it is fetched
+before the conversion starts: file:// in place, S3 objects into the scratch directory, never
+more than ``settings.calibration_max_bytes``.
+
+Source URIs are validated by ``api.sources.parse_source_uri``, calibration URIs by
+``api.sources.parse_calibration_uri``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import Any
 
 from loftq.errors import LoftQError, SourceNotFound
 
+from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource
 from api.settings import Settings
-from api.sources import file_root_match, parse_source_uri
-from api.storage import ObjectStore, S3ObjectStore, sha256_file, safe_key
+from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match, parse_calibration_uri, parse_source_uri
+from api.storage import ObjectStore, S3ObjectStore, StoredObject, UnsafeKey, sha256_file, safe_key
+
 
 def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
     """The engine Source for ``uri``; downloads go to ``scratch`` one file at a time."""
@@ -199,6 +206,110 @@ class HubSource:
             yield Path(downloaded)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- calibration text
+
+
+def fetch_calibration_data(uri: str, settings: Settings, scratch: Path, *, store: ObjectStore | None = None) -> Path:
+    """The local path the engine reads ``uri``'s calibration text from.
+
+    file://: the path itself, read in place, once every file and directory in it is checked
+    to lie inside the allowed roots (a symlink must not smuggle /etc into the text). s3://:
+    one object, or every .txt/.jsonl object under a prefix (relative names kept), downloaded
+    into ``scratch``, which must not hold anything else. The total size is checked against
+    ``settings.calibration_max_bytes`` before anything is read or downloaded."""
+    location = parse_calibration_uri(uri, settings)
+    limit = settings.calibration_max_bytes
+    if location.scheme == "file":
+        path = Path(location.path)
+        _check_size(uri, _local_calibration_bytes(uri, path, list(settings.allowed_file_roots)), limit)
+        return path
+    if store is None:
+        store = S3ObjectStore(location.bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    objects = _calibration_objects(uri, location, store)
+    _check_size(uri, sum(obj.size for _, obj in objects), limit)
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name, obj in objects:
+        try:
+            store.download_file(obj.key, scratch / name)
+        except FileNotFoundError as exc:
+            raise CalibrationDataNotFound(f"calibration_data: {uri}: {obj.key!r} disappeared from the bucket") from exc
+    return scratch if location.prefix else scratch / objects[0][0]
+
+
+def _check_size(uri: str, total: int, limit: int) -> None:
+    if total > limit:
+        raise CalibrationDataTooLarge(
+            f"calibration_data: {uri} holds {total} bytes of calibration text; at most {limit} are accepted "
+            "(LOFTQ_CALIBRATION_MAX_BYTES)"
+        )
+
+
+def _is_calibration_file(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in CALIBRATION_SUFFIXES
+
+
+def _local_calibration_bytes(uri: str, path: Path, roots: list[Path]) -> int:
+    """Bytes of calibration text at ``path`` (a file, or a directory walked through its
+    symlinks); every real path met must lie inside ``roots``."""
+
+    def confined(real: str) -> None:
+        if file_root_match(Path(real), roots) is None:
+            raise InvalidCalibrationSource(f"calibration_data: {uri}: {real} leads outside the allowed file roots")
+
+    if path.is_file():
+        confined(os.path.realpath(path))
+        return path.stat().st_size
+    if not path.is_dir():
+        raise CalibrationDataNotFound(f"calibration_data: {uri}: no such file or directory")
+    total, found, seen = 0, 0, set()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        confined(real_dir)
+        if real_dir in seen:  # a symlink loop, or a directory linked twice: read once
+            dirnames.clear()
+            continue
+        seen.add(real_dir)
+        for filename in filenames:
+            file = Path(dirpath) / filename
+            if _is_calibration_file(filename) and file.is_file():
+                confined(os.path.realpath(file))
+                total += file.stat().st_size
+                found += 1
+    if not found:
+        raise CalibrationDataNotFound(f"calibration_data: {uri}: no .txt or .jsonl files in this directory")
+    return total
+
+
+def _calibration_objects(uri: str, location: CalibrationLocation, store: ObjectStore) -> list[tuple[str, StoredObject]]:
+    """(local relative name, object) of each object to download, from one listing."""
+    key_prefix = f"{location.key}/" if location.prefix and location.key else location.key
+    try:
+        listed = store.list(key_prefix)
+    except Exception as exc:
+        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404", "AccessDenied", "403"):
+            raise CalibrationDataNotFound(f"calibration_data: {uri}: cannot list the bucket ({code})") from exc
+        raise
+    if not location.prefix:
+        found = [obj for obj in listed if obj.key == location.key]
+        if not found:
+            raise CalibrationDataNotFound(f"calibration_data: {uri}: no such object")
+        return [(PurePosixPath(location.key).name, found[0])]
+    objects = []
+    for obj in listed:
+        name = obj.key[len(key_prefix) :]
+        if obj.key.endswith("/") or not _is_calibration_file(name):
+            continue
+        try:
+            objects.append((safe_key(name), obj))
+        except UnsafeKey:
+            raise InvalidCalibrationSource(f"calibration_data: {uri}: unsafe object name {name!r} under the prefix") from None
+    if not objects:
+        raise CalibrationDataNotFound(f"calibration_data: {uri}: no .txt or .jsonl objects under this prefix")
+    return objects
 
 
 # --------------------------------------------------------------------------- destination
