@@ -10,6 +10,11 @@ imports torch, the conversion engine or the server package.
         job = client.wait(job.id)
         if job.state == "succeeded":
             client.download(job.id, "out/")
+
+        # Calibrated LoftQ: fit in the metric of real activations, measure held-out quality.
+        job = client.create_job("s3://models/llama-3-8b/", calibration_data="s3://datasets/calib.txt",
+                                objective="activation", calibration={"samples": 128, "evaluate": True})
+        print(client.wait(job.id).summary.evaluation)
 """
 
 from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, LoftQClientError, UnsafeArtifactPath, parse_sse
@@ -18,7 +23,9 @@ from loftq_client.models import (
     JOB_STATES,
     Artifact,
     ArtifactList,
+    Calibration,
     ErrorInfo,
+    Evaluation,
     Event,
     EventPage,
     Job,
@@ -34,8 +41,10 @@ __all__ = [
     "ApiError",
     "Artifact",
     "ArtifactList",
+    "Calibration",
     "ChecksumMismatch",
     "ErrorInfo",
+    "Evaluation",
     "Event",
     "EventPage",
     "Job",

@@ -1,6 +1,8 @@
 """``loftq-jobs``: submit and follow LoftQ conversion jobs on a jobs API server.
 
     loftq-jobs submit s3://models/llama-3-8b/ --rank 16 --target q_proj --target v_proj --wait
+    loftq-jobs submit s3://models/llama-3-8b/ --calibration-data s3://datasets/calib.txt \
+        --objective activation --evaluate --calib-samples 128 --wait
     loftq-jobs status JOB_ID
     loftq-jobs list --state running
     loftq-jobs logs JOB_ID --follow
@@ -25,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath
-from loftq_client.models import Event, Job
+from loftq_client.models import Evaluation, Event, Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_ERROR = 2  # API, network or checksum error
@@ -114,6 +116,25 @@ def _fmt_layers(job: Job) -> str:
     return f"{p.layers_done}/{p.layers_total}" if p.layers_total else "-"
 
 
+def _num(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _evaluation_rows(e: Evaluation) -> list[tuple[str, str]]:
+    """Held-out numbers of full precision → plain quantization → LoftQ-initialised model."""
+    rows = [("evaluation", f"{e.sequences} held-out sequences, {e.tokens} tokens")]
+    if e.perplexity_full_precision is not None or e.perplexity_initialised is not None:
+        rows.append((
+            "  perplexity",
+            f"full precision {_num(e.perplexity_full_precision)}, quantized {_num(e.perplexity_quantized)}, "
+            f"initialised {_num(e.perplexity_initialised)}",
+        ))
+    rows.append(("  cosine to fp", f"quantized {_num(e.cosine_quantized, '.6f')}, initialised {_num(e.cosine_initialised, '.6f')}"))
+    if e.gap_recovered is not None:
+        rows.append(("  gap recovered", f"{e.gap_recovered:.1%}"))
+    return rows
+
+
 def _fmt_event(event: Event) -> str:
     return f"{_fmt_time(event.time)} {event.type} {json.dumps(event.data, sort_keys=True, default=str)}"
 
@@ -131,6 +152,22 @@ def submit(
     svd: Annotated[Optional[str], typer.Option(help="Low-rank solver: randomized or exact.")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Module name or suffix to target (repeatable).")] = None,
     backbone_format: Annotated[Optional[str], typer.Option("--backbone-format", help="dequantized or bnb-4bit.")] = None,
+    calibration_data: Annotated[
+        Optional[str],
+        typer.Option("--calibration-data", help="Calibration text: s3://bucket/key.txt, s3://bucket/prefix/ or file:///path (.txt/.jsonl)."),
+    ] = None,
+    objective: Annotated[
+        Optional[str], typer.Option(help="weight (plain LoftQ), activation or activation-diag (need --calibration-data).")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Measure held-out perplexity / similarity (needs --calibration-data).")
+    ] = False,
+    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help="Calibration sequences.")] = None,
+    calib_seq_len: Annotated[Optional[int], typer.Option("--calib-seq-len", help="Tokens per calibration sequence.")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Held-out sequences for --evaluate.")] = None,
+    propagation: Annotated[
+        Optional[str], typer.Option(help="What each block is calibrated on: initialised or full-precision.")
+    ] = None,
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE kept with the job (repeatable).")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option("--idempotency-key", help="Resubmitting with the same key returns the same job.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish, with a progress bar on stderr.")] = False,
@@ -158,6 +195,15 @@ def submit(
             svd=svd,
             target_modules=targets,
             backbone_format=backbone_format,
+            calibration_data=calibration_data,
+            objective=objective,
+            calibration={
+                "samples": calib_samples,
+                "seq_len": calib_seq_len,
+                "eval_samples": eval_samples,
+                "propagation": propagation,
+                "evaluate": True if evaluate else None,
+            },
         )
         typer.echo(job.id)
         if not wait:
@@ -191,6 +237,7 @@ def status(
         ("state", job.state),
         ("stage", p.stage),
         ("layers", _fmt_layers(job)),
+        *([("blocks", f"{p.blocks_done}/{p.blocks_total}")] if p.blocks_total else []),
         ("shards", f"{p.shards_done}/{p.shards_total}" if p.shards_total else "-"),
         ("read / written", f"{_fmt_bytes(p.bytes_read)} / {_fmt_bytes(p.bytes_written)}"),
     ]
@@ -205,6 +252,8 @@ def status(
     ]
     if job.request is not None:
         rows.append(("source", job.request.source))
+        if job.request.calibration_data:
+            rows.append(("calibration data", job.request.calibration_data))
         if job.request.options:
             rows.append(("options", json.dumps(job.request.options, sort_keys=True, default=str)))
         if job.request.metadata:
@@ -215,6 +264,15 @@ def status(
         rows.append(
             ("summary", f"{s.layers} layers, mean error {s.mean_error:.4g} (quant only {s.mean_error_quant:.4g}), {s.seconds:.1f} s")
         )
+        if s.objective != "weight" and s.mean_objective_error is not None and s.mean_objective_error_quant is not None:
+            rows.append(
+                ("objective", f"{s.objective}: mean error {s.mean_objective_error:.4g} (quant only {s.mean_objective_error_quant:.4g})")
+            )
+        if s.calibration is not None:
+            c = s.calibration
+            rows.append(("calibration", f"{c.sequences} sequences × {c.seq_len} tokens from {c.documents} documents, sha256 {c.sha256[:12]}"))
+        if s.evaluation is not None:
+            rows += _evaluation_rows(s.evaluation)
     if job.error is not None:
         rows.append(("error", f"[{job.error.code}] {job.error.message}"))
     for key, value in rows:

@@ -119,6 +119,18 @@ def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    """Engine options without ``None`` values, one level down too (``calibration={...}``);
+    a dict option left empty is dropped."""
+    cleaned: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None} or None
+        if value is not None:
+            cleaned[key] = value
+    return cleaned
+
+
 class LoftQClient:
     """Client of the jobs API (``/v1``). Use as a context manager, or call :meth:`close`.
 
@@ -180,16 +192,23 @@ class LoftQClient:
         output: str | None = None,
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        calibration_data: str | None = None,
         **options: Any,
     ) -> Job:
         """Submit a conversion. ``options`` are engine options (quant, bits, rank, lora_alpha, iters,
-        svd, target_modules, backbone_format, ...); ``None`` values are left out so server defaults apply."""
-        body = {
+        svd, target_modules, backbone_format, objective, calibration={samples, seq_len, eval_samples,
+        seed, batch_size, propagation, evaluate}, ...); ``None`` values, also inside a dict option,
+        are left out so server defaults apply. ``calibration_data`` is a URI of calibration text
+        (``s3://bucket/key.txt``, ``s3://bucket/prefix/`` or ``file:///path``), needed when
+        ``objective`` is not "weight" or ``calibration["evaluate"]`` is true."""
+        body: dict[str, Any] = {
             "source": source,
             "output": output,
-            "options": {k: v for k, v in options.items() if v is not None},
+            "options": _options(options),
             "metadata": dict(metadata or {}),
         }
+        if calibration_data is not None:
+            body["calibration_data"] = calibration_data
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.model_validate(self._json("POST", "/v1/jobs", json=body, headers=headers))
 
@@ -295,13 +314,8 @@ class LoftQClient:
                     job = None
                 if job is not None:
                     if bar is not None:
-                        p = job.progress
-                        bar.update(
-                            task,
-                            description=f"{job.id} {job.state} [{p.stage}]",
-                            completed=p.layers_done,
-                            total=p.layers_total or None,
-                        )
+                        bar.update(task, description=progress_description(job), completed=job.progress.layers_done,
+                                   total=job.progress.layers_total or None)
                     if job.finished:
                         return job
                 now = time.monotonic()
@@ -366,6 +380,13 @@ class LoftQClient:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+
+
+def progress_description(job: Job) -> str:
+    """``<id> <state> [<stage>]``, with the block count while a calibrated job is calibrating."""
+    p = job.progress
+    stage = f"{p.stage} block {p.blocks_done}/{p.blocks_total}" if p.stage == "calibrating" and p.blocks_total else p.stage
+    return f"{job.id} {job.state} [{stage}]"
 
 
 def _safe_parts(path: str) -> tuple[str, ...]:

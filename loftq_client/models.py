@@ -28,9 +28,11 @@ class ErrorInfo(_Model):
 
 
 class Progress(_Model):
-    stage: str = "queued"  # queued, downloading, converting, uploading, finalizing, done
+    stage: str = "queued"  # queued, downloading, calibrating, converting, uploading, finalizing, done
     layers_done: int = 0
     layers_total: int = 0
+    blocks_done: int = 0  # calibrated conversions: transformer blocks fitted so far
+    blocks_total: int = 0
     shards_done: int = 0
     shards_total: int = 0
     bytes_read: int = 0
@@ -38,11 +40,44 @@ class Progress(_Model):
     eta_seconds: float | None = None
 
 
+class Evaluation(_Model):
+    """Held-out quality of the full-precision, plainly quantized and initialised models (calibrated
+    jobs with ``calibration.evaluate``). Perplexities are set for causal language models;
+    ``gap_recovered`` is the share of the quantization's loss the adapters win back."""
+
+    sequences: int = 0
+    tokens: int = 0
+    cosine_quantized: float | None = None
+    cosine_initialised: float | None = None
+    perplexity_full_precision: float | None = None
+    perplexity_quantized: float | None = None
+    perplexity_initialised: float | None = None
+    gap_recovered: float | None = None
+
+
+class Calibration(_Model):
+    """What a calibrated job's activation statistics were computed from."""
+
+    sha256: str = ""
+    documents: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    seq_len: int = 0
+    packed: bool = False
+    propagation: str = ""
+    blocks: int = 0
+
+
 class JobSummary(_Model):
     layers: int
     mean_error_quant: float
     mean_error: float
     seconds: float
+    objective: str = "weight"
+    mean_objective_error_quant: float | None = None
+    mean_objective_error: float | None = None
+    evaluation: Evaluation | None = None
+    calibration: Calibration | None = None
 
 
 class JobRequest(_Model):
@@ -51,6 +86,7 @@ class JobRequest(_Model):
     source: str
     output: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    calibration_data: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
@@ -109,7 +145,9 @@ __all__ = [
     "JOB_STATES",
     "Artifact",
     "ArtifactList",
+    "Calibration",
     "ErrorInfo",
+    "Evaluation",
     "Event",
     "EventPage",
     "Job",

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from loftq_client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath, parse_sse
 from loftq_client import cli as cli_module
+from loftq_client.client import progress_description
+from loftq_client.models import Job
 
 BASE = "http://api.test"
 S3 = "https://s3.example.com"
@@ -138,7 +140,8 @@ class FakeServer:
         else:
             job = self.add_job(source=body["source"])
             job["request"] = {"source": body["source"], "output": body.get("output"),
-                              "options": body.get("options", {}), "metadata": body.get("metadata", {})}
+                              "options": body.get("options", {}), "metadata": body.get("metadata", {}),
+                              "calibration_data": body.get("calibration_data")}
             if key:
                 self.idempotency[key] = job["id"]
         return httpx.Response(202, json=job, headers={"Location": f"/v1/jobs/{job['id']}"})
@@ -523,3 +526,76 @@ def test_cli_download(server: FakeServer, run_cli, tmp_path: Path) -> None:
     server.corrupt.add("config.json")
     result = run_cli("download", job_id, str(tmp_path / "again"))
     assert result.exit_code == 2 and result.stderr.startswith("error [checksum_mismatch] config.json")
+
+
+# -- calibrated jobs ------------------------------------------------------------------------------
+
+EVALUATED = {
+    "layers": 14, "mean_error_quant": 0.11, "mean_error": 0.09, "seconds": 3.5, "objective": "activation",
+    "mean_objective_error_quant": 0.1, "mean_objective_error": 0.04,
+    "evaluation": {"sequences": 4, "tokens": 128, "cosine_quantized": 0.971234, "cosine_initialised": 0.991234,
+                   "perplexity_full_precision": 250.5, "perplexity_quantized": 270.25, "perplexity_initialised": 255.125,
+                   "gap_recovered": 0.7519},
+    "calibration": {"sha256": "ab" * 32, "documents": 3, "sequences": 8, "tokens": 256, "seq_len": 32,
+                    "packed": True, "propagation": "initialised", "blocks": 2},
+}
+
+
+def test_create_job_with_calibration_data(server: FakeServer) -> None:
+    with server.client() as client:
+        job = client.create_job("s3://models/llama/", calibration_data="s3://datasets/calib/", objective="activation",
+                                calibration={"samples": 8, "seq_len": None, "evaluate": True}, rank=None)
+        assert job.request.calibration_data == "s3://datasets/calib/"
+        assert job.request.options == {"objective": "activation", "calibration": {"samples": 8, "evaluate": True}}
+        plain = client.create_job("s3://models/llama/", calibration={"samples": None})
+    body = json.loads(server.requests[-1].content)
+    assert "calibration_data" not in body and body["options"] == {}  # a dict option left empty is dropped
+    assert plain.request.calibration_data is None
+
+
+def test_calibrated_job_models() -> None:
+    job = Job.model_validate({"id": "job1", "state": "running", "created_at": T0, "summary": EVALUATED,
+                              "progress": {"stage": "calibrating", "layers_done": 3, "layers_total": 14,
+                                           "blocks_done": 1, "blocks_total": 2}})
+    assert job.summary.evaluation.perplexity_initialised == 255.125 and job.summary.calibration.blocks == 2
+    assert progress_description(job) == "job1 running [calibrating block 1/2]"
+    job.progress.stage = "converting"
+    assert progress_description(job) == "job1 running [converting]"
+    old = Job.model_validate({"id": "job2", "state": "succeeded", "created_at": T0,
+                              "summary": {"layers": 1, "mean_error_quant": 0.2, "mean_error": 0.1, "seconds": 1.0}})
+    assert old.summary.evaluation is None and old.summary.objective == "weight" and old.progress.blocks_total == 0
+
+
+def test_cli_submit_calibration_flags(server: FakeServer, run_cli) -> None:
+    result = run_cli("submit", "s3://models/llama/", "--calibration-data", "s3://datasets/calib.txt",
+                     "--objective", "activation", "--evaluate", "--calib-samples", "8", "--calib-seq-len", "32",
+                     "--eval-samples", "4", "--propagation", "full-precision", "--rank", "4")
+    assert result.exit_code == 0, result.output
+    request = server.jobs["job001"]["request"]
+    assert request["calibration_data"] == "s3://datasets/calib.txt"
+    assert request["options"] == {"rank": 4, "objective": "activation", "calibration": {
+        "samples": 8, "seq_len": 32, "eval_samples": 4, "propagation": "full-precision", "evaluate": True}}
+
+    result = run_cli("submit", "s3://models/llama/", "--objective", "activation-diag", "--calibration-data", "s3://d/c/")
+    assert result.exit_code == 0, result.output
+    assert server.jobs["job002"]["request"]["options"] == {"objective": "activation-diag"}  # no --evaluate: server default
+
+
+def test_cli_status_shows_calibration_progress_and_evaluation(server: FakeServer, run_cli) -> None:
+    server.add_job(state="running", progress={"stage": "calibrating", "layers_done": 3, "layers_total": 14,
+                                              "blocks_done": 1, "blocks_total": 2},
+                   request={"source": "s3://models/llama/", "calibration_data": "s3://datasets/calib.txt",
+                            "options": {"objective": "activation"}, "metadata": {}})
+    server.add_job(state="succeeded", summary=EVALUATED)
+    result = run_cli("status", "job001")
+    assert result.exit_code == 0, result.output
+    assert "calibrating" in result.stdout and "1/2" in result.stdout and "s3://datasets/calib.txt" in result.stdout
+    result = run_cli("status", "job002")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "full precision 250.5, quantized 270.2, initialised 255.1" in out
+    assert "quantized 0.971234, initialised 0.991234" in out and "75.2%" in out
+    assert "activation: mean error 0.04 (quant only 0.1)" in out
+    assert "8 sequences × 32 tokens from 3 documents" in out and "4 held-out sequences, 128 tokens" in out
+    result = run_cli("status", "job002", "--json")
+    assert json.loads(result.stdout)["summary"]["evaluation"]["gap_recovered"] == 0.7519
