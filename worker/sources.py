@@ -248,7 +248,10 @@ def _check_size(uri: str, total: int, limit: int) -> None:
 
 
 def _is_calibration_file(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in CALIBRATION_SUFFIXES
+    """What the engine reads from a directory (loftq.calibration_data): .txt/.jsonl files,
+    hidden files and folders skipped."""
+    path = PurePosixPath(name)
+    return path.suffix.lower() in CALIBRATION_SUFFIXES and not any(part.startswith(".") for part in path.parts)
 
 
 def _local_calibration_bytes(uri: str, path: Path, roots: list[Path]) -> int:
@@ -272,6 +275,7 @@ def _local_calibration_bytes(uri: str, path: Path, roots: list[Path]) -> int:
             dirnames.clear()
             continue
         seen.add(real_dir)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
             file = Path(dirpath) / filename
             if _is_calibration_file(filename) and file.is_file():
@@ -301,12 +305,14 @@ def _calibration_objects(uri: str, location: CalibrationLocation, store: ObjectS
     objects = []
     for obj in listed:
         name = obj.key[len(key_prefix) :]
-        if obj.key.endswith("/") or not _is_calibration_file(name):
+        if obj.key.endswith("/") or PurePosixPath(name).suffix.lower() not in CALIBRATION_SUFFIXES:
             continue
         try:
-            objects.append((safe_key(name), obj))
+            safe_key(name)
         except UnsafeKey:
             raise InvalidCalibrationSource(f"calibration_data: {uri}: unsafe object name {name!r} under the prefix") from None
+        if _is_calibration_file(name):
+            objects.append((name, obj))
     if not objects:
         raise CalibrationDataNotFound(f"calibration_data: {uri}: no .txt or .jsonl objects under this prefix")
     return objects

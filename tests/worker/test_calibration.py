@@ -64,6 +64,7 @@ def test_s3_prefix_downloads_every_text_object_keeping_relative_names(s3_setting
     _put(store, "calib/sub/b.jsonl", '{"text": "second document"}\n', tmp_path)
     _put(store, "calib/C.TXT", "third\n", tmp_path)
     _put(store, "calib/README.md", "skipped: not calibration text", tmp_path)
+    _put(store, "calib/.cache/old.txt", "skipped: hidden, as the engine skips it", tmp_path)
     _put(store, "calib/folder/", "", tmp_path)  # a console's "folder" placeholder
     _put(store, "calibration-other/x.txt", "a sibling prefix, not under calib/", tmp_path)
     scratch = tmp_path / "scratch"
@@ -157,6 +158,7 @@ def test_file_missing_empty_and_too_large(files: Settings, tmp_path: Path) -> No
         fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch")
     (calib / "a.txt").write_text("x" * 100)
     (calib / "more" / "b.txt").write_text("y" * 100)
+    (calib / ".hidden.txt").write_text("z" * 100)  # not read by the engine, so not counted
     small = files.model_copy(update={"calibration_max_bytes": 150})
     with pytest.raises(CalibrationDataTooLarge, match="200 bytes"):
         fetch_calibration_data(f"file://{calib}", small, tmp_path / "scratch")
