@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -13,18 +13,146 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loftq.errors import LoftQError
-from loftq.options import ALL_LINEAR, ConvertOptions
-from loftq.report import ProgressEvent
+from loftq.errors import InvalidCalibrationData, InvalidOptions, LoftQError
+from loftq.options import CalibrationOptions, ConvertOptions
+from loftq.plot import PLOT_NAME
+from loftq.report import LayerReport, ProgressEvent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn Hugging Face checkpoints into LoftQ checkpoints.")
 console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 
+FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
+# CLI flag -> CalibrationOptions field; the flags carry a prefix where the bare name would be ambiguous.
+CALIBRATION_FLAGS = {
+    "calib_samples": "samples",
+    "calib_seq_len": "seq_len",
+    "eval_samples": "eval_samples",
+    "calib_seed": "seed",
+    "calib_batch_size": "batch_size",
+    "propagation": "propagation",
+    "evaluate": "evaluate",
+}
+# ConvertOptions field path -> the flag that sets it, so a validation error names what the user typed.
+_FLAG_OF = {
+    "quant": "--quant",
+    "bits": "--bits",
+    "blocksize": "--blocksize",
+    "rank": "--rank",
+    "lora_alpha": "--alpha",
+    "iters": "--iters",
+    "svd": "--svd",
+    "svd_oversample": "--oversample",
+    "svd_power_iters": "--power-iters",
+    "target_modules": "--target",
+    "backbone_format": "--backbone-format",
+    "objective": "--objective",
+    "damping": "--damping",
+    **{f"calibration.{field}": "--" + flag.replace("_", "-") for flag, field in CALIBRATION_FLAGS.items()},
+}
+_METRIC_SHORT = {"weight": "weight err", "activation": "output err", "activation-diag": "diag-H err"}
+
+
+def _default(field: str) -> str:
+    """The model's default, for flags whose unset value must stay None (so only given flags reach the options)."""
+    return str(ConvertOptions.model_fields[field].default)
+
+
+def _calib_default(field: str) -> str:
+    return str(CalibrationOptions.model_fields[field].default)
+
 
 def _fail(code: str, message: str) -> typer.Exit:
     console.print(f"[bold red]error[/] {escape(f'[{code}]')} {escape(message)}", highlight=False)
     return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _options_from_flags(
+    *,
+    quant: str | None = None,
+    bits: int | None = None,
+    blocksize: int | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    rslora: bool | None = None,
+    iters: int | None = None,
+    svd: str | None = None,
+    oversample: int | None = None,
+    power_iters: int | None = None,
+    seed: int | None = None,
+    target: list[str] | None = None,
+    target_regex: str | None = None,
+    backbone_format: str | None = None,
+    device: str | None = None,
+    objective: str | None = None,
+    damping: float | None = None,
+    **calibration: Any,
+) -> ConvertOptions:
+    """Turn ``convert``'s flags into :class:`ConvertOptions`; ``None`` means "not given", so the model's default holds.
+
+    Raises :class:`InvalidOptions` with every problem, each named by field and flag.
+    """
+    unknown = set(calibration) - set(CALIBRATION_FLAGS)
+    if unknown:
+        raise TypeError(f"unknown flags: {sorted(unknown)}")
+    if target and target_regex:
+        raise InvalidOptions("use --target or --target-regex, not both")
+    if bits is None and (quant or "nf4") in FIXED_BITS:
+        bits = FIXED_BITS[quant or "nf4"]
+    given = {
+        "quant": quant,
+        "bits": bits,
+        "blocksize": blocksize,
+        "rank": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "iters": iters,
+        "svd": svd,
+        "svd_oversample": oversample,
+        "svd_power_iters": power_iters,
+        "seed": seed,
+        "target_modules": list(target) if target else target_regex,
+        "backbone_format": backbone_format,
+        "device": device,
+        "objective": objective,
+        "damping": damping,
+        "calibration": {CALIBRATION_FLAGS[flag]: value for flag, value in calibration.items() if value is not None} or None,
+    }
+    try:
+        return ConvertOptions(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            path = ".".join(map(str, error["loc"])) or "options"
+            flag = _FLAG_OF.get(path)
+            problems.append(f"{path}{f' ({flag})' if flag else ''}: {error['msg']}")
+        raise InvalidOptions("; ".join(problems)) from None
+
+
+def _check_calibration_data(calibration_data: Path | None, options: ConvertOptions) -> str | None:
+    """Fail before torch is loaded on what is wrong in the flags alone; return a note for a no-op combination.
+
+    The text itself (formats, enough tokens) is checked by the converter, which reads it.
+    """
+    if calibration_data is None:
+        if options.objective != "weight":
+            raise InvalidOptions(f"--objective {options.objective} fits the layers' outputs on calibration text: give --calibration-data PATH")
+        if options.calibration.evaluate:
+            raise InvalidOptions("--evaluate measures on held-out calibration text: give --calibration-data PATH")
+        return None
+    if not calibration_data.exists():
+        raise InvalidCalibrationData(f"{calibration_data}: no such file or directory")
+    if not (calibration_data.is_file() or calibration_data.is_dir()):
+        raise InvalidCalibrationData(f"{calibration_data}: neither a file nor a directory")
+    if options.objective == "weight" and not options.calibration.evaluate:
+        return "--objective is weight: the calibration text only measures each layer's output error, it does not change the fit; add --objective activation (or activation-diag) to fit the layers' outputs"
+    return None
+
+
+def _layer_progress(layer: LayerReport) -> str:
+    """One layer's result in its objective's metric: mixing metrics on one line would compare apples and pears."""
+    metric = _METRIC_SHORT.get(layer.objective, f"{layer.objective} err")
+    return f"{layer.module}  {metric} {layer.objective_error_quant:.4f}→{layer.objective_error:.4f}"
 
 
 @app.command()
@@ -46,37 +174,71 @@ def convert(
     target_regex: Annotated[Optional[str], typer.Option(help="Regex matched in full against module names.")] = None,
     backbone_format: Annotated[str, typer.Option(help="dequantized (Q in the source dtype) or bnb-4bit (packed, loads without a quantization config).")] = "dequantized",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    calibration_data: Annotated[
+        Optional[Path],
+        typer.Option(help="Calibration text: a .txt/.jsonl file or a directory of them. Needed by --objective activation|activation-diag and --evaluate."),
+    ] = None,
+    objective: Annotated[
+        Optional[str],
+        typer.Option(help="What each layer's fit minimises: weight (plain LoftQ, ‖W−Q−BA‖), activation (output error ‖(W−Q−BA)·H^½‖ on the calibration inputs), activation-diag (the same with diag H only).", show_default=_default("objective")),
+    ] = None,
+    damping: Annotated[Optional[float], typer.Option(help="Activation objectives: H + damping·mean(diag H)·I.", show_default=_default("damping"))] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences used for fitting.", show_default=_calib_default("samples"))] = None,
+    calib_seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence, capped at the model's maximum.", show_default=_calib_default("seq_len"))] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(help="Held-out sequences for --evaluate, never used for fitting.", show_default=_calib_default("eval_samples"))] = None,
+    calib_seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling of calibration sequences.", show_default=_calib_default("seed"))] = None,
+    calib_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward pass through a block.", show_default=_calib_default("batch_size"))] = None,
+    propagation: Annotated[
+        Optional[str],
+        typer.Option(help="Inputs of block k+1: initialised (outputs of the already converted blocks) or full-precision (the original model's).", show_default=_calib_default("propagation")),
+    ] = None,
+    evaluate: Annotated[
+        Optional[bool],
+        typer.Option("--evaluate/--no-evaluate", help="Measure held-out perplexity and output cosine of the full-precision, quantized and initialised models.", show_default="no-evaluate"),
+    ] = None,
 ) -> None:
     """Convert SRC into a LoftQ checkpoint in OUT (backbone + loftq_init/ adapter + report + manifest).
 
-    Targets default to all-linear (every Linear/Conv1D except the output head).
+    Targets default to all-linear (every Linear/Conv1D except the output head). With
+    --calibration-data and --objective activation, each layer is fitted to its outputs on
+    that text rather than to its weights.
     """
-    from loftq.converter import convert_directory
-
-    if target and target_regex:
-        raise _fail("invalid_options", "use --target or --target-regex, not both")
-    fixed_bits = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
     try:
-        options = ConvertOptions(
+        options = _options_from_flags(
             quant=quant,
-            bits=bits if bits is not None else fixed_bits.get(quant, 4),
+            bits=bits,
             blocksize=blocksize,
             rank=rank,
-            lora_alpha=alpha,
-            use_rslora=rslora,
+            alpha=alpha,
+            rslora=rslora,
             iters=iters,
             svd=svd,
-            svd_oversample=oversample,
-            svd_power_iters=power_iters,
+            oversample=oversample,
+            power_iters=power_iters,
             seed=seed,
-            target_modules=list(target) if target else (target_regex or ALL_LINEAR),
+            target=target,
+            target_regex=target_regex,
             backbone_format=backbone_format,
             device=device,
+            objective=objective,
+            damping=damping,
+            calib_samples=calib_samples,
+            calib_seq_len=calib_seq_len,
+            eval_samples=eval_samples,
+            calib_seed=calib_seed,
+            calib_batch_size=calib_batch_size,
+            propagation=propagation,
+            evaluate=evaluate,
         )
-    except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
-        raise _fail("invalid_options", details) from None
+        note = _check_calibration_data(calibration_data, options)
+    except LoftQError as exc:
+        raise _fail(exc.code, str(exc)) from None
+    if note:
+        console.print(f"[yellow]note[/] {escape(note)}", highlight=False)
 
+    from loftq.converter import convert_directory  # torch: only once the flags are known to be usable
+
+    extra: dict[str, Any] = {"calibration_data": calibration_data} if calibration_data is not None else {}
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -88,30 +250,94 @@ def convert(
         transient=True,
     ) as progress:
         task = progress.add_task("layers", total=None, layer="")
+        blocks: dict[str, Any] = {}  # the "blocks" line, added by the first calibration event
 
         def on_progress(event: ProgressEvent) -> None:
             progress.update(task, total=event.layers_total, completed=event.layers_done)
+            if event.stage == "calibration" and event.blocks_total:
+                if "task" not in blocks:
+                    blocks["task"] = progress.add_task("blocks", total=event.blocks_total, layer="calibration: activations through each block")
+                progress.update(blocks["task"], total=event.blocks_total, completed=event.blocks_done)
             if event.layer is not None:
-                progress.update(task, layer=f"{event.layer.module}  err {event.layer.error_quant:.4f}→{event.layer.error:.4f}")
+                progress.update(task, layer=_layer_progress(event.layer))
             elif event.stage == "shard":
                 progress.update(task, description=f"shard {event.shards_done}/{event.shards_total}")
 
         try:
-            report = convert_directory(src, out, options, on_progress=on_progress)
+            report = convert_directory(src, out, options, on_progress=on_progress, **extra)
         except LoftQError as exc:
             raise _fail(exc.code, str(exc)) from None
     _print_summary(report.to_dict(), out)
 
 
-def _print_summary(report: dict, out: Path) -> None:
+def _output_errors(layer: dict[str, Any]) -> tuple[float, float] | None:
+    """A layer's output error ‖(W−·)·H^½‖/‖W·H^½‖ (full, damped H) before and after the adapters, if it was measured.
+
+    Calibrated conversions record it whatever the objective; with objective "activation" it is the objective's own metric.
+    """
+    if layer.get("output_error") is not None and layer.get("output_error_quant") is not None:
+        return layer["output_error_quant"], layer["output_error"]
+    if layer.get("objective") == "activation":
+        return layer["objective_error_quant"], layer["objective_error"]
+    return None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _print_summary(report: dict, out: Path, output: Console | None = None) -> None:
+    """The closing table of ``convert`` and the head of ``inspect``; reads older reports too (fields added later may be absent)."""
     summary = report["summary"]
+    options = report["options"]
+    objective = summary.get("objective") or options.get("objective") or "weight"
     table = Table(title=f"LoftQ checkpoint: {out}", show_header=False)
     table.add_row("architecture", report["architecture"])
-    options = report["options"]
-    table.add_row("settings", f"{options['quant']} r={options['rank']} alpha={options['lora_alpha']} T={options['iters']} svd={options['svd']}")
+    settings = f"{options['quant']} r={options['rank']} alpha={options['lora_alpha']} T={options['iters']} svd={options['svd']}"
+    if objective != "weight":
+        settings += f" objective={objective} damping={options.get('damping')}"
+    table.add_row("settings", settings)
+    calibration = report.get("calibration")
+    if calibration:
+        table.add_row(
+            "calibration",
+            f"{calibration['sequences']} sequences {'×' if calibration['packed'] else 'of ≤'} {calibration['seq_len']} tokens "
+            f"({calibration['tokens']} tokens from {calibration['documents']} documents, "
+            f"{'packed' if calibration['packed'] else 'one document per sequence'}), "
+            f"{calibration['blocks']} blocks, propagation {calibration['propagation']}, sha256 {calibration['sha256'][:12]}…",
+        )
     table.add_row("layers", str(summary["layers"]))
     table.add_row("mean error, quantized only", f"{summary['mean_error_quant']:.5f}")
     table.add_row("mean error, with adapters", f"{summary['mean_error']:.5f}")
+    if objective not in ("weight", "activation"):  # activation-diag (or mixed): its own metric, then the full-H output error
+        table.add_row(f"mean {objective} error, quantized only", f"{summary['mean_objective_error_quant']:.5f}")
+        table.add_row(f"mean {objective} error, with adapters", f"{summary['mean_objective_error']:.5f}")
+    outputs = [pair for pair in map(_output_errors, report.get("layers", [])) if pair is not None]
+    if outputs:
+        label = f"mean output error ({objective})" if objective != "weight" else "mean output error (measured)"
+        table.add_row(f"{label}, quantized only", f"{_mean([quant for quant, _ in outputs]):.5f}")
+        table.add_row(f"{label}, with adapters", f"{_mean([after for _, after in outputs]):.5f}")
+    elif objective == "activation":  # a report without its layers
+        table.add_row("mean output error (activation), quantized only", f"{summary['mean_objective_error_quant']:.5f}")
+        table.add_row("mean output error (activation), with adapters", f"{summary['mean_objective_error']:.5f}")
+    for warning in report.get("warnings") or []:
+        table.add_row("warning", f"[yellow]{escape(warning)}[/]")
+    warned = sum(1 for layer in report.get("layers", []) if layer.get("warnings"))
+    if warned:
+        table.add_row("layers with warnings", f"{warned} (loftq inspect --layers lists them)")
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        table.add_row("held-out evaluation", f"{evaluation['sequences']} sequences, {evaluation['tokens']} tokens")
+        has_perplexity = evaluation.get("perplexity_full_precision") is not None
+        if has_perplexity:
+            table.add_row("held-out perplexity, full precision", f"{evaluation['perplexity_full_precision']:.4f}")
+            table.add_row("held-out perplexity, quantized only", f"{evaluation['perplexity_quantized']:.4f}")
+            table.add_row("held-out perplexity, with adapters", f"{evaluation['perplexity_initialised']:.4f}")
+        if evaluation.get("gap_recovered") is not None:
+            basis = "perplexity" if has_perplexity else "1 − cosine"
+            table.add_row("gap recovered by the adapters", f"{100 * evaluation['gap_recovered']:.1f} % (of the {basis} gap)")
+        table.add_row("mean cosine to full precision, quantized only", f"{evaluation['cosine_quantized']:.5f}")
+        table.add_row("mean cosine to full precision, with adapters", f"{evaluation['cosine_initialised']:.5f}")
     table.add_row("time", f"{summary['seconds']:.1f} s on {report['device']}")
     memory = f"{summary['peak_rss_mb']:.0f} MB RSS"
     if summary.get("peak_device_mb") is not None:
@@ -119,7 +345,40 @@ def _print_summary(report: dict, out: Path) -> None:
     table.add_row("peak memory", memory)
     if summary["shards_resumed"]:
         table.add_row("resumed shards", f"{summary['shards_resumed']} of {summary['shards']}")
-    Console().print(table)
+    if (out / PLOT_NAME).is_file():
+        table.add_row("layer plot", str(out / PLOT_NAME))
+    (output or Console()).print(table)
+
+
+def _layers_table(layers: list[dict[str, Any]]) -> Table:
+    """Every layer's errors; extra metrics, blocks and warnings only get columns when some layer has them."""
+    with_diag = any(layer.get("objective") == "activation-diag" for layer in layers)
+    with_output = any(_output_errors(layer) is not None for layer in layers)
+    with_block = any(layer.get("block") is not None for layer in layers)
+    with_warnings = any(layer.get("warnings") for layer in layers)
+    columns = ["layer", "shape"] + (["block"] if with_block else []) + ["quantized", "with adapters"]
+    if with_diag:
+        columns += ["diag-H err, quantized", "diag-H err, with adapters"]
+    if with_output:
+        columns += ["output err, quantized", "output err, with adapters"]
+    columns += ["best iter", "seconds"] + (["warnings"] if with_warnings else [])
+    table = Table(*columns)
+    for layer in layers:
+        row = [layer["module"], "×".join(map(str, layer["shape"]))]
+        if with_block:
+            row.append("" if layer.get("block") is None else str(layer["block"]))
+        row += [f"{layer['error_quant']:.5f}", f"{layer['error']:.5f}"]
+        if with_diag:
+            diag = layer.get("objective") == "activation-diag"
+            row += [f"{layer['objective_error_quant']:.5f}", f"{layer['objective_error']:.5f}"] if diag else ["", ""]
+        if with_output:
+            pair = _output_errors(layer)
+            row += [f"{pair[0]:.5f}", f"{pair[1]:.5f}"] if pair else ["", ""]
+        row += [str(layer["best_iter"]), f"{layer['seconds']:.2f}"]
+        if with_warnings:
+            row.append("; ".join(layer.get("warnings") or []))
+        table.add_row(*map(escape, row))
+    return table
 
 
 @app.command()
@@ -137,10 +396,7 @@ def inspect(
     report = json.loads(report_path.read_text())
     _print_summary(report, out)
     if layers:
-        table = Table("layer", "shape", "quantized", "with adapters", "best iter", "seconds")
-        for layer in report["layers"]:
-            table.add_row(layer["module"], "×".join(map(str, layer["shape"])), f"{layer['error_quant']:.5f}", f"{layer['error']:.5f}", str(layer["best_iter"]), f"{layer['seconds']:.2f}")
-        Console().print(table)
+        Console().print(_layers_table(report["layers"]))
     if verify:
         bad = []
         for entry in json.loads(manifest_path.read_text())["files"]:
