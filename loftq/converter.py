@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -17,6 +18,7 @@ import torch
 
 from loftq.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_keys
 from loftq.backbone import Backbone
+from loftq.calibrated import CalibratedConversion, CalibrationResult
 from loftq.checkpoint import INDEX_NAME, SourceCheckpoint, discover
 from loftq.errors import InvalidOptions, LoftQError
 from loftq.journal import Journal
@@ -24,13 +26,14 @@ from loftq.options import ConvertOptions
 from loftq.quantizers import get_quantizer
 from loftq.report import LayerReport, ProgressEvent, Report, summarize
 from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_file
-from loftq.shard import convert_shard
+from loftq.plot import PLOT_NAME, write_layer_plot
+from loftq.shard import convert_shard, weight_space_fitter
 from loftq.storage import Destination, Source
 from loftq.targets import ModelLayout, resolve_layout
 
 REPORT_NAME = "loftq_report.json"
 MANIFEST_NAME = "manifest.json"
-REPORT_FORMAT_VERSION = 1
+REPORT_FORMAT_VERSION = 2  # 2: objective and output errors per layer, calibration, evaluation
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -114,38 +117,60 @@ def convert(
     destination: Destination,
     options: ConvertOptions | None = None,
     *,
+    calibration_data: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Report:
     """Turn ``source`` into a LoftQ checkpoint at ``destination`` and return the report.
 
+    ``calibration_data`` (a local .txt/.jsonl file or a directory of them) makes it a
+    calibrated conversion (loftq.calibrated): the activation objectives and ``evaluate``
+    need it; with ``objective='weight'`` it only adds the output errors and evaluation.
+
     Raises a :class:`loftq.errors.LoftQError` subclass for bad input or cancellation; the
     destination then holds no ``manifest.json``.
     """
     options = options or ConvertOptions()
-    if options.objective != "weight":
-        raise InvalidOptions(f"objective={options.objective!r} needs calibration data, which conversions cannot take yet")
+    if calibration_data is None and options.objective != "weight":
+        raise InvalidOptions(f"objective={options.objective!r} needs calibration data (text to compute the layers' inputs from)")
+    if calibration_data is None and options.calibration.evaluate:
+        raise InvalidOptions("evaluate needs calibration data (the held-out sequences are drawn from it)")
+    with tempfile.TemporaryDirectory(prefix="loftq-") as scratch:
+        return _convert(
+            source,
+            destination,
+            options,
+            None if calibration_data is None else Path(calibration_data),
+            Path(scratch),
+            on_progress or (lambda event: None),
+            should_stop or (lambda: False),
+        )
+
+
+def _convert(
+    source: Source,
+    destination: Destination,
+    options: ConvertOptions,
+    calibration_data: Path | None,
+    scratch: Path,
+    emit: ProgressCallback,
+    stop: Callable[[], bool],
+) -> Report:
     started = time.perf_counter()
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    emit = on_progress or (lambda event: None)
-    stop = should_stop or (lambda: False)
     checkpoint, config, layout = plan(source, options)
     backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
-    options_json = options.model_dump_json(exclude={"device"})
-    journal = Journal(destination, options_json)
-    outputs = _Outputs(destination)
-    destination.remove(MANIFEST_NAME)
-
+    calibrated = None
+    if calibration_data is not None:  # fails on an unsupported architecture before any output
+        calibrated = CalibratedConversion(source, checkpoint, config, layout, backbone, device, scratch / "fits")
+    aux_dir = scratch / "aux"  # the tokenizer is read from here
     for name in checkpoint.aux_files:
         with source.open_local(name) as path:
-            if name == "config.json":
-                data = backbone.config_update(json.loads(path.read_text()), layout)
-                destination.staging_path(name).write_text(json.dumps(data, indent=2) + "\n")
-            else:
-                destination.staging_path(name).write_bytes(path.read_bytes())
-        outputs.publish(name)
+            copy = aux_dir / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
 
     total = len(layout.targets)
     layers: list[LayerReport] = []
@@ -155,13 +180,47 @@ def convert(
     def progress(stage: str, shards_done: int, **fields: object) -> None:
         emit(ProgressEvent(stage, len(layers), total, shards_done, shards_total, **fields))
 
-    shard_tensors: dict[str, dict[str, int]] = {}  # for the index, without reading shards back
     progress("start", 0)
+    binding = options.model_dump_json(exclude={"device"})
+    calibration: CalibrationResult | None = None
+    if calibrated is not None:
+        data = calibrated.load_data(calibration_data, aux_dir)
+        binding += f"\ncalibration data {data.sha256}"
+        fitted: list[LayerReport] = []
+        blocks = [0, 0]
+
+        def on_block(done: int, blocks_total: int) -> None:
+            blocks[:] = [done, blocks_total]
+            emit(ProgressEvent("calibration", len(fitted), total, 0, shards_total, blocks_done=done, blocks_total=blocks_total))
+
+        def on_fitted(layer: LayerReport) -> None:
+            fitted.append(layer)
+            emit(ProgressEvent("calibration", len(fitted), total, 0, shards_total, layer=layer, blocks_done=blocks[0], blocks_total=blocks[1]))
+
+        (scratch / "fits").mkdir()
+        calibration = calibrated.run(data, on_layer=on_fitted, on_block=on_block, should_stop=stop)
+        fitter = calibration.fits
+    else:
+        fitter = weight_space_fitter(backbone, device)
+
+    journal = Journal(destination, binding)
+    outputs = _Outputs(destination)
+    destination.remove(MANIFEST_NAME)
+    for name in checkpoint.aux_files:
+        if name == "config.json":
+            data_json = backbone.config_update(json.loads((aux_dir / name).read_text()), layout)
+            destination.staging_path(name).write_text(json.dumps(data_json, indent=2) + "\n")
+        else:
+            destination.staging_path(name).write_bytes((aux_dir / name).read_bytes())
+        outputs.publish(name)
+
+    shard_tensors: dict[str, dict[str, int]] = {}  # for the index, without reading shards back
     for done, shard in enumerate(checkpoint.shards):
 
         def on_layer(layer: LayerReport) -> None:
             layers.append(layer)
-            progress("layer", done, layer=layer, shard=shard)
+            if calibrated is None:  # calibrated layers were reported while they were fitted
+                progress("layer", done, layer=layer, shard=shard)
 
         with source.open_local(shard) as in_path:
             bytes_read = in_path.stat().st_size
@@ -173,7 +232,7 @@ def convert(
                     shard,
                     layout,
                     backbone,
-                    device,
+                    fitter,
                     on_layer=on_layer,
                     should_stop=stop,
                 )
@@ -211,9 +270,17 @@ def convert(
             peak_device_mb=peak_device,
             shards=shards_total,
             shards_resumed=resumed,
+            evaluation=None if calibration is None else calibration.evaluation,
         ),
         layers=layers,
+        calibration=None if calibration is None else calibration.calibration,
+        warnings=[] if calibration is None else calibration.warnings,
     )
+    try:  # a plot is a convenience: a failure to draw it must not fail the conversion
+        write_layer_plot(report.to_dict(), destination.staging_path(PLOT_NAME))
+        outputs.publish(PLOT_NAME)
+    except Exception as exc:  # noqa: BLE001 - matplotlib fails in many ways (fonts, cache dirs)
+        report.warnings.append(f"the per-layer plot could not be drawn: {exc}")
     outputs.write_json(REPORT_NAME, report.to_dict())
     manifest = {"files": sorted(outputs.files.values(), key=lambda f: f["path"])}
     destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

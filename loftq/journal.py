@@ -22,7 +22,7 @@ from loftq.report import LayerReport
 from loftq.storage import Destination
 
 JOURNAL_DIR = ".loftq-partial"
-FORMAT_VERSION = 3  # 2: bound to the input shard's sha256; 3: output tensor sizes
+FORMAT_VERSION = 4  # 2: bound to the input shard's sha256; 3: output tensor sizes; 4: objective fields per layer
 
 
 def fingerprint(options_json: str, shard: str) -> str:

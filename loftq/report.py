@@ -26,6 +26,10 @@ class LayerReport:
     objective_error_quant: float = math.nan
     objective_error: float = math.nan
     block: int | None = None  # transformer block index (calibrated conversions)
+    # Calibrated conversions, whatever the objective: ‖(W − ·)·H^½‖/‖W·H^½‖ with the full,
+    # damped H of this layer's calibration inputs, for plain quantization and with adapters.
+    output_error_quant: float | None = None
+    output_error: float | None = None
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,7 @@ class Report:
     summary: Summary
     layers: list[LayerReport] = field(default_factory=list)
     calibration: Calibration | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from loftq.adapter import lora_keys
-from loftq.algorithm import fit_layer
+from loftq.algorithm import LayerFit, fit_layer
 from loftq.backbone import Backbone
 from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
 from loftq.report import LayerReport
@@ -25,6 +25,7 @@ from loftq.safetensors_io import (
     DTYPES,
     SafetensorsHeader,
     ShardWriter,
+    TensorInfo,
     iter_tensor_bytes,
     read_header,
     read_tensor,
@@ -71,20 +72,73 @@ def shard_targets(header: SafetensorsHeader, layout: ModelLayout) -> list[Target
     return targets
 
 
+@dataclass
+class FittedLayer:
+    """What a shard writer needs of one target: its stored tensors and adapters."""
+
+    stored: list[tuple[str, torch.Tensor]]  # backbone tensors, in ``Backbone.entries`` order
+    lora_a: torch.Tensor  # fp32 CPU, r×in
+    lora_b: torch.Tensor  # fp32 CPU, out×r
+    report: LayerReport
+
+
+LayerFitter = Callable[[TensorInfo, Target, torch.Tensor, str], FittedLayer]
+"""(tensor info, target, source tensor as read, shard name) -> the fitted layer."""
+
+
+def layer_report(target: Target, fit: LayerFit, *, shard: str, seconds: float, **extra: object) -> LayerReport:
+    return LayerReport(
+        module=target.module,
+        key=target.key,
+        shard=shard,
+        shape=target.shape,
+        fan_in_fan_out=target.fan_in_fan_out,
+        error_quant=fit.error_quant,
+        error=fit.weight_error,
+        iter_errors=fit.iter_errors,
+        best_iter=fit.best_iter,
+        seconds=seconds,
+        objective=fit.objective,
+        objective_error_quant=fit.objective_error_quant,
+        objective_error=fit.error,
+        warnings=list(fit.warnings),
+        **extra,
+    )
+
+
+def weight_space_fitter(backbone: Backbone, device: torch.device) -> LayerFitter:
+    """Plain LoftQ: each layer is fitted from its weight alone, as it streams past."""
+
+    def fit(info: TensorInfo, target: Target, tensor: torch.Tensor, shard: str) -> FittedLayer:
+        started = time.perf_counter()
+        weight = tensor.to(device)
+        weight = weight.T if target.fan_in_fan_out else weight
+        result = fit_layer(
+            weight,
+            backbone.quantizer.fake_quantize,
+            backbone.options,
+            as_loaded=lambda q: backbone.as_loaded(q, info.torch_dtype),
+        )
+        stored = backbone.tensors(info, target, result.q.cpu())
+        report = layer_report(target, result, shard=shard, seconds=time.perf_counter() - started)
+        return FittedLayer(stored, result.lora_a.cpu(), result.lora_b.cpu(), report)
+
+    return fit
+
+
 def convert_shard(
     in_path: Path,
     out_path: Path,
     shard: str,
     layout: ModelLayout,
     backbone: Backbone,
-    device: torch.device,
+    fitter: LayerFitter,
     *,
     on_layer: Callable[[LayerReport], None],
     should_stop: Callable[[], bool],
 ) -> ShardResult:
     header = read_header(in_path)
     shard_targets(header, layout)
-    quantizer = backbone.quantizer
     entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
     layers: list[LayerReport] = []
     adapters: dict[str, torch.Tensor] = {}
@@ -102,34 +156,14 @@ def convert_shard(
                 raise Cancelled("conversion cancelled")
             tensor = read_tensor(in_path, info)
             source_hash.update(tensor_bytes(tensor))
-            started = time.perf_counter()
-            weight = tensor.to(device)
-            weight = weight.T if target.fan_in_fan_out else weight
-            fit = fit_layer(
-                weight,
-                quantizer.fake_quantize,
-                backbone.options,
-                as_loaded=lambda q, dtype=info.torch_dtype: backbone.as_loaded(q, dtype),
-            )
-            for name, stored in backbone.tensors(info, target, fit.q.cpu()):
+            fitted = fitter(info, target, tensor, shard)
+            for name, stored in fitted.stored:
                 writer.write(name, stored)
             key_a, key_b = lora_keys(target.module)
-            adapters[key_a], adapters[key_b] = fit.lora_a.cpu(), fit.lora_b.cpu()
-            layer = LayerReport(
-                module=target.module,
-                key=target.key,
-                shard=shard,
-                shape=target.shape,
-                fan_in_fan_out=target.fan_in_fan_out,
-                error_quant=fit.error_quant,
-                error=fit.error,
-                iter_errors=fit.iter_errors,
-                best_iter=fit.best_iter,
-                seconds=time.perf_counter() - started,
-            )
-            layers.append(layer)
-            on_layer(layer)
-            del tensor, weight, fit
+            adapters[key_a], adapters[key_b] = fitted.lora_a, fitted.lora_b
+            layers.append(fitted.report)
+            on_layer(fitted.report)
+            del tensor, fitted
             release_freed_memory()
         sha256 = writer.close()
     return ShardResult(

@@ -1,0 +1,371 @@
+"""Calibrated LoftQ: fit each block's adapters in the metric of the activations it really sees.
+
+Runs before the shards are written (converter.py). Block by block: load the block's weights,
+run the calibration batch through it while the second moment H = XᵀX/n of every target
+layer's inputs is accumulated, fit the targets, then hand the next block either the
+initialised block's outputs or the full-precision ones (``CalibrationOptions.propagation``).
+Held-out sequences, when ``evaluate`` is set, go through three versions of every block (full
+precision, plain quantization, initialised) in the same pass, so evaluation costs no second
+read of the weights.
+
+The fitted layers are kept on local scratch disk, one safetensors file per block, in the form
+the shard writer stores them; the second phase streams the shards as the weight-space
+conversion does and takes each target's tensors from there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from loftq.adapter import lora_keys
+from loftq.algorithm import fit_layer
+from loftq.backbone import Backbone
+from loftq.blockwise import BlockInputs, StreamedModel, TensorReader
+from loftq.calibration_data import CalibrationSet, load_calibration
+from loftq.checkpoint import SourceCheckpoint
+from loftq.errors import Cancelled, UnsupportedArchitecture
+from loftq.memory import release_freed_memory
+from loftq.options import ConvertOptions
+from loftq.report import Calibration, Evaluation, LayerReport
+from loftq.safetensors_io import TensorInfo
+from loftq.shard import FittedLayer, layer_report
+from loftq.storage import Source
+from loftq.targets import ModelLayout, Target
+from loftq.whitening import Whitening, accumulate_hessian, whitening_for
+
+OUTER = "outer"  # scratch file of the targets outside the blocks (e.g. BERT's pooler)
+
+
+class _SecondMoments:
+    """Accumulates H for target layers through forward hooks.
+
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator: the same
+    H, computed once and stored once (for a 7B block this halves the memory of the H's).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.mask: torch.Tensor | None = None  # the current batch's token mask (B×L)
+        self._group: dict[str, str] = {}  # module key -> key of the accumulator it shares
+        self._sums: dict[str, tuple[torch.Tensor | None, int]] = {}
+        self._batch_inputs: dict[int, str] = {}  # data_ptr -> first key seen in this batch
+        self._handles = [m.register_forward_hook(self._hook(key)) for key, m in modules.items()]
+
+    def new_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._batch_inputs = {}
+
+    def _hook(self, key: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            x = args[0]
+            leader = self._group.get(key)
+            if leader is None:  # first batch: group by input identity
+                leader = self._batch_inputs.setdefault(x.data_ptr(), key)
+                self._group[key] = leader
+            if leader != key:
+                return
+            mask = self.mask
+            if mask is not None and x.shape[:-1] == mask.shape:
+                x = x[mask.to(x.device).bool()]
+            h, count = self._sums.get(key, (None, 0))
+            self._sums[key] = accumulate_hessian(h, x, count)
+
+        return hook
+
+    def get(self, key: str) -> torch.Tensor | None:
+        h, _ = self._sums.get(self._group.get(key, key), (None, 0))
+        return h
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class _Stream:
+    """Hidden states of one dataset, batch by batch, with what each block is passed besides."""
+
+    hidden: list[torch.Tensor]
+    inputs: list[list[BlockInputs]]  # [batch][block]
+    ids: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
+    def run(self, model: StreamedModel, block: int, hidden: list[torch.Tensor] | None = None, moments: _SecondMoments | None = None) -> list[torch.Tensor]:
+        outputs = []
+        for b, h in enumerate(hidden if hidden is not None else self.hidden):
+            if moments is not None:
+                moments.new_batch(self.masks[b])
+            outputs.append(model.run_block(block, h, self.inputs[b][block]))
+        return outputs
+
+
+@dataclass
+class CalibratedFits:
+    """The fitted targets on scratch disk, served to the shard writer."""
+
+    scratch: Path
+    files: dict[str, Path] = field(default_factory=dict)  # target key -> scratch file
+    stored_names: dict[str, list[str]] = field(default_factory=dict)
+    reports: dict[str, LayerReport] = field(default_factory=dict)
+
+    def save(self, name: str, fits: dict[str, tuple[Target, list[tuple[str, torch.Tensor]], torch.Tensor, torch.Tensor, LayerReport]]) -> None:
+        path = self.scratch / f"{name}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for key, (target, stored, lora_a, lora_b, report) in fits.items():
+            tensors.update((n, t.contiguous()) for n, t in stored)
+            key_a, key_b = lora_keys(target.module)
+            tensors[key_a], tensors[key_b] = lora_a, lora_b
+            self.files[key] = path
+            self.stored_names[key] = [n for n, _ in stored]
+            self.reports[key] = report
+        save_file(tensors, str(path))
+
+    def __call__(self, info: TensorInfo, target: Target, tensor: torch.Tensor, shard: str) -> FittedLayer:
+        with safe_open(str(self.files[target.key]), framework="pt") as handle:
+            stored = [(name, handle.get_tensor(name)) for name in self.stored_names[target.key]]
+            key_a, key_b = lora_keys(target.module)
+            lora_a, lora_b = handle.get_tensor(key_a), handle.get_tensor(key_b)
+        return FittedLayer(stored, lora_a, lora_b, replace(self.reports[target.key], shard=shard))
+
+
+@dataclass
+class CalibrationResult:
+    fits: CalibratedFits
+    calibration: Calibration
+    evaluation: Evaluation | None
+    warnings: list[str]
+
+
+class _Evaluator:
+    """Three held-out streams (full precision, plain quantization, initialised)."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+        self.fp = stream.hidden
+        self.plain = stream.hidden
+        self.init = stream.hidden
+
+    def result(self, model: StreamedModel, nll: dict[str, tuple[float, int]]) -> Evaluation:
+        cos_plain, cos_init = [], []
+        for b, mask in enumerate(self.stream.masks):
+            weights = mask.to(self.fp[b].device, torch.float32)[..., None]
+            pooled = [(h.float() * weights).sum(1) / weights.sum(1).clamp_min(1) for h in (self.fp[b], self.plain[b], self.init[b])]
+            cos_plain += torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=-1).tolist()
+            cos_init += torch.nn.functional.cosine_similarity(pooled[0], pooled[2], dim=-1).tolist()
+        evaluation = Evaluation(
+            sequences=len(cos_plain),
+            tokens=int(sum(int(m.sum()) for m in self.stream.masks)),
+            cosine_quantized=sum(cos_plain) / len(cos_plain),
+            cosine_initialised=sum(cos_init) / len(cos_init),
+        )
+        if model.has_loss:
+            ppl = {name: math.exp(total / max(tokens, 1)) for name, (total, tokens) in nll.items()}
+            evaluation.perplexity_full_precision = ppl["fp"]
+            evaluation.perplexity_quantized = ppl["plain"]
+            evaluation.perplexity_initialised = ppl["init"]
+            gap = ppl["plain"] - ppl["fp"]
+            evaluation.gap_recovered = (ppl["plain"] - ppl["init"]) / gap if gap > 0 else None
+        else:
+            gap = 1 - evaluation.cosine_quantized
+            evaluation.gap_recovered = (evaluation.cosine_initialised - evaluation.cosine_quantized) / gap if gap > 0 else None
+        return evaluation
+
+
+class CalibratedConversion:
+    """Phase one of a calibrated conversion (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: Source,
+        checkpoint: SourceCheckpoint,
+        config: dict,
+        layout: ModelLayout,
+        backbone: Backbone,
+        device: torch.device,
+        scratch: Path,
+    ) -> None:
+        self.options: ConvertOptions = backbone.options
+        self.layout = layout
+        self.backbone = backbone
+        self.device = device
+        self.reader = TensorReader(source, checkpoint)
+        self.model = StreamedModel(config, self.reader, device)
+        self.fits = CalibratedFits(scratch)
+        self.block_targets: list[list[Target]] = [[] for _ in self.model.blocks]
+        self.outer_targets: list[Target] = []
+        prefix = f"{self.model.block_prefix}."
+        for target in layout.targets.values():
+            if target.module.startswith(prefix):
+                self.block_targets[int(target.module[len(prefix) :].split(".")[0])].append(target)
+            else:
+                self.outer_targets.append(target)
+
+    # -- data -----------------------------------------------------------------------------
+
+    def load_data(self, data_path: Path, tokenizer_dir: Path) -> CalibrationSet:
+        return load_calibration(
+            data_path, tokenizer_dir, self.options.calibration, packed=self.model.causal, max_length=self.model.max_length
+        )
+
+    def _capture(self, sequences) -> _Stream:  # noqa: ANN001 - calibration_data.Sequences
+        stream = _Stream([], [], [], [])
+        for ids, mask in sequences.batches(self.options.calibration.batch_size):
+            hidden, inputs = self.model.capture(ids, mask)
+            stream.hidden.append(hidden)
+            stream.inputs.append(inputs)
+            stream.ids.append(ids)
+            stream.masks.append(mask.to(self.device))
+        return stream
+
+    # -- weights --------------------------------------------------------------------------
+
+    def _weight(self, target: Target) -> torch.Tensor:
+        """The target's fp32 weight, out×in."""
+        weight = self.model.model.get_parameter(f"{target.module}.weight").data
+        return weight.T if target.fan_in_fan_out else weight
+
+    def _set_weight(self, target: Target, weight: torch.Tensor) -> None:
+        stored = weight.T if target.fan_in_fan_out else weight
+        self.model._set(f"{target.module}.weight", nn.Parameter(stored.contiguous(), requires_grad=False))
+
+    def _fit(self, target: Target, h: torch.Tensor | None, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit one target; returns (plain quantized, initialised effective) weights, out×in."""
+        started = time.perf_counter()
+        info = self.reader.info(target.key)
+        w = self._weight(target)
+        quantizer = self.backbone.quantizer
+        whitening = whitening_for(h, self.options) if h is not None else None
+        if self.options.objective != "weight" and h is None:
+            raise UnsupportedArchitecture(f"{target.module} received no calibration inputs; it cannot be fitted to activations")
+        fit = fit_layer(
+            w,
+            quantizer.fake_quantize,
+            self.options,
+            as_loaded=lambda q: self.backbone.as_loaded(q, info.torch_dtype),
+            whitening=whitening,
+        )
+        plain = quantizer.fake_quantize(w)
+        effective = fit.q_loaded + self.options.scaling * (fit.lora_b @ fit.lora_a)
+        extra: dict[str, object] = {"block": block}
+        if h is not None:  # the output error, whatever the objective, in the full metric of the inputs
+            metric = whitening if whitening is not None and not whitening.diagonal else Whitening.from_hessian(h, self.options.damping)
+            extra["output_error_quant"] = metric.error(w, plain)
+            extra["output_error"] = metric.error(w, effective)
+        report = layer_report(target, fit, shard="", seconds=time.perf_counter() - started, **extra)
+        stored = self.backbone.tensors(info, target, fit.q.cpu())
+        self._pending[target.key] = (target, stored, fit.lora_a.cpu(), fit.lora_b.cpu(), report)
+        self.on_layer(report)
+        return plain, effective
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def run(
+        self,
+        data: CalibrationSet,
+        *,
+        on_layer: Callable[[LayerReport], None],
+        on_block: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+    ) -> CalibrationResult:
+        self.on_layer = on_layer
+        model = self.model
+        evaluate = self.options.calibration.evaluate and data.evaluation is not None
+        initialised = self.options.calibration.propagation == "initialised"
+        outer = model.outer_param_names()
+        with model.loaded(outer):
+            calib = self._capture(data.calibration)
+            held_out = _Evaluator(self._capture(data.evaluation)) if evaluate else None
+        blocks = len(model.blocks)
+        on_block(0, blocks)
+        for index in range(blocks):
+            if should_stop():
+                raise Cancelled("conversion cancelled")
+            self._pending: dict = {}
+            with model.loaded(model.block_param_names(index)):
+                targets = self.block_targets[index]
+                moments = _SecondMoments({t.key: model.model.get_submodule(t.module) for t in targets})
+                try:
+                    fp_out = calib.run(model, index, moments=moments)
+                finally:
+                    moments.remove()
+                if held_out is not None:
+                    held_out.fp = held_out.stream.run(model, index, held_out.fp)
+                effective = {}
+                plain = {}
+                for target in targets:
+                    plain[target.key], effective[target.key] = self._fit(target, moments.get(target.key), index)
+                del moments
+                if held_out is not None:
+                    for target in targets:
+                        self._set_weight(target, plain[target.key])
+                    held_out.plain = held_out.stream.run(model, index, held_out.plain)
+                del plain
+                for target in targets:
+                    self._set_weight(target, effective[target.key])
+                if held_out is not None:
+                    held_out.init = held_out.stream.run(model, index, held_out.init)
+                calib.hidden = calib.run(model, index) if initialised else fp_out
+                del fp_out, effective
+            self.fits.save(f"block-{index:05d}", self._pending)
+            self._pending = {}
+            release_freed_memory()
+            on_block(index + 1, blocks)
+
+        evaluation = self._head(calib, held_out)
+        self.reader.close()
+        calibration = Calibration(
+            sha256=data.sha256,
+            documents=data.documents,
+            sequences=len(data.calibration),
+            tokens=data.calibration.tokens,
+            seq_len=int(data.calibration.input_ids.shape[1]),
+            packed=data.packed,
+            propagation=self.options.calibration.propagation,
+            blocks=blocks,
+        )
+        return CalibrationResult(self.fits, calibration, evaluation, list(data.warnings))
+
+    def _head(self, calib: _Stream, held_out: _Evaluator | None) -> Evaluation | None:
+        """Targets after the blocks (fitted on the calibration stream's final states) and the
+        held-out measurements, through the model's own head."""
+        model = self.model
+        if not self.outer_targets and held_out is None:
+            return None
+        with model.loaded(model.outer_param_names()):
+            self._pending = {}
+            plain: dict[str, torch.Tensor] = {}
+            effective: dict[str, torch.Tensor] = {}
+            originals = {t.key: self._weight(t).clone() for t in self.outer_targets}
+            if self.outer_targets:
+                moments = _SecondMoments({t.key: model.model.get_submodule(t.module) for t in self.outer_targets})
+                try:
+                    for b, hidden in enumerate(calib.hidden):
+                        moments.new_batch(calib.masks[b])
+                        model.run_head(hidden, calib.ids[b], calib.masks[b])
+                finally:
+                    moments.remove()
+                for target in self.outer_targets:
+                    plain[target.key], effective[target.key] = self._fit(target, moments.get(target.key), None)
+                self.fits.save(OUTER, self._pending)
+                self._pending = {}
+            if held_out is None:
+                return None
+            nll: dict[str, tuple[float, int]] = {}
+            for name, hidden, weights in (("fp", held_out.fp, originals), ("plain", held_out.plain, plain), ("init", held_out.init, effective)):
+                for target in self.outer_targets:
+                    self._set_weight(target, weights[target.key])
+                total, tokens = 0.0, 0
+                for b, h in enumerate(hidden):
+                    batch_total, batch_tokens = model.run_head(h, held_out.stream.ids[b], held_out.stream.masks[b])
+                    total, tokens = total + batch_total, tokens + batch_tokens
+                nll[name] = (total, tokens)
+            return held_out.result(model, nll)
