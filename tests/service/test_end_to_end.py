@@ -197,6 +197,78 @@ def test_bad_sources_are_refused_up_front(stack: dict) -> None:
         assert response.json()["error"]["code"] == "invalid_source"
 
 
+def test_calibrated_job_with_evaluation_from_s3(stack: dict, calib_llama: Path, calibration_text: Path) -> None:
+    """objective=activation with held-out evaluation: the calibration text comes from S3, the
+    report carries the calibration and the evaluation, and the per-layer plot is an artifact."""
+    s3 = stack["s3"]
+    for path in calib_llama.iterdir():
+        s3.upload_file(str(path), MODELS, f"calib-llama/{path.name}")
+    s3.upload_file(str(calibration_text), MODELS, "calibration/wiki.txt")
+    body = {
+        "source": f"s3://{MODELS}/calib-llama/",
+        "calibration_data": f"s3://{MODELS}/calibration/wiki.txt",
+        "options": {"rank": 4, "objective": "activation",
+                    "calibration": {"samples": 8, "seq_len": 32, "eval_samples": 4, "evaluate": True}},
+    }
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 202, response.text
+        assert response.json()["request"]["calibration_data"] == body["calibration_data"]
+        job, _ = _poll(client, response.json()["id"], until={"succeeded", "failed"})
+        assert job["state"] == "succeeded", job["error"]
+        layers = job["summary"]["layers"]
+        assert layers == 14  # 2 blocks × 7 linear layers, the head excluded
+        progress = job["progress"]
+        assert progress["stage"] == "done" and progress["blocks_done"] == progress["blocks_total"] == 2
+        assert progress["layers_done"] == progress["layers_total"] == layers
+
+        summary = job["summary"]
+        assert summary["objective"] == "activation"
+        assert summary["calibration"]["sequences"] == 8 and summary["calibration"]["seq_len"] == 32
+        evaluation = summary["evaluation"]
+        assert evaluation["sequences"] == 4 and evaluation["tokens"] > 0
+        for key in ("perplexity_full_precision", "perplexity_quantized", "perplexity_initialised", "cosine_initialised"):
+            assert evaluation[key] is not None and evaluation[key] > 0, key
+
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["events"]
+        layer_events = [e["data"] for e in events if e["type"] == "layer"]
+        assert len(layer_events) == layers and {e["block"] for e in layer_events} == {0, 1}
+        assert all(e["objective"] == "activation" for e in layer_events)
+
+        listing = {a["path"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]}
+        assert {"loftq_report.json", "loftq_layers.png", "manifest.json", "tokenizer.json"} <= set(listing)
+        png = httpx.get(listing["loftq_layers.png"]["url"], timeout=30).content
+        assert png.startswith(b"\x89PNG") and hashlib.sha256(png).hexdigest() == listing["loftq_layers.png"]["sha256"]
+        report = httpx.get(listing["loftq_report.json"]["url"], timeout=30).json()
+    assert report["calibration"]["sequences"] == 8 and report["calibration"]["sha256"] == summary["calibration"]["sha256"]
+    assert report["calibration"]["sha256"] == hashlib.sha256(calibration_text.read_bytes()).hexdigest()
+    assert report["summary"]["evaluation"]["perplexity_initialised"] == pytest.approx(evaluation["perplexity_initialised"])
+    assert report["options"]["objective"] == "activation"
+
+
+def test_calibration_requests_are_checked_up_front(stack: dict) -> None:
+    source = f"s3://{MODELS}/tiny-llama/"
+    cases = [
+        ({"options": {"objective": "activation"}}, "invalid_request", "add calibration_data"),
+        ({"options": {"calibration": {"evaluate": True}}}, "invalid_request", "add calibration_data"),
+        ({"calibration_data": "hf://org/dataset"}, "invalid_calibration_data", "calibration_data"),
+        ({"calibration_data": "file:///etc/passwd"}, "invalid_calibration_data", "outside the allowed file roots"),
+    ]
+    for body, code, needle in cases:
+        response = httpx.post(f"{stack['base']}/v1/jobs", json={"source": source, **body}, timeout=30)
+        assert response.status_code == 422, body
+        error = response.json()["error"]
+        assert error["code"] == code and needle in error["message"], error
+
+
+def test_missing_calibration_data_fails_the_job_with_a_code(stack: dict) -> None:
+    body = {"source": f"s3://{MODELS}/tiny-llama/", "calibration_data": f"s3://{MODELS}/no-calibration-here/",
+            "options": {"objective": "activation"}}
+    with httpx.Client(base_url=stack["base"], timeout=30) as client:
+        job, _ = _poll(client, client.post("/v1/jobs", json=body).json()["id"], until={"failed", "succeeded"})
+    assert job["state"] == "failed" and job["error"]["code"] == "calibration_data_not_found"
+
+
 def test_unknown_job_is_404(stack: dict) -> None:
     response = httpx.get(f"{stack['base']}/v1/jobs/job_nope", timeout=30)
     assert response.status_code == 404 and response.json()["error"]["code"] == "job_not_found"
