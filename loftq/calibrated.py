@@ -57,19 +57,20 @@ class _SecondMoments:
         self.mask: torch.Tensor | None = None  # the current batch's token mask (B×L)
         self._group: dict[str, str] = {}  # module key -> key of the accumulator it shares
         self._sums: dict[str, tuple[torch.Tensor | None, int]] = {}
-        self._batch_inputs: dict[int, str] = {}  # data_ptr -> first key seen in this batch
+        self._batch_inputs: list[tuple[torch.Tensor, str]] = []  # inputs seen in this batch, kept alive
         self._handles = [m.register_forward_hook(self._hook(key)) for key, m in modules.items()]
 
     def new_batch(self, mask: torch.Tensor) -> None:
         self.mask = mask
-        self._batch_inputs = {}
+        self._batch_inputs = []
 
     def _hook(self, key: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             x = args[0]
             leader = self._group.get(key)
-            if leader is None:  # first batch: group by input identity
-                leader = self._batch_inputs.setdefault(x.data_ptr(), key)
+            if leader is None:  # first batch: group by input identity (held, so no address is reused)
+                leader = next((k for seen, k in self._batch_inputs if seen is x), key)
+                self._batch_inputs.append((x, key))
                 self._group[key] = leader
             if leader != key:
                 return
