@@ -100,12 +100,23 @@ class _Stream:
     ids: list[torch.Tensor]
     masks: list[torch.Tensor]
 
-    def run(self, model: StreamedModel, block: int, hidden: list[torch.Tensor] | None = None, moments: _SecondMoments | None = None) -> list[torch.Tensor]:
+    def run(
+        self,
+        model: StreamedModel,
+        block: int,
+        hidden: list[torch.Tensor] | None = None,
+        moments: _SecondMoments | None = None,
+        keep: bool = True,
+    ) -> list[torch.Tensor]:
+        """The block's outputs batch by batch (none kept with ``keep=False``: a pass run only
+        for the second moments does not hold a second copy of the stream)."""
         outputs = []
         for b, h in enumerate(hidden if hidden is not None else self.hidden):
             if moments is not None:
                 moments.new_batch(self.masks[b])
-            outputs.append(model.run_block(block, h, self.inputs[b][block]))
+            out = model.run_block(block, h, self.inputs[b][block])
+            if keep:
+                outputs.append(out)
         return outputs
 
 
@@ -295,7 +306,7 @@ class CalibratedConversion:
                 targets = self.block_targets[index]
                 moments = _SecondMoments({t.key: model.model.get_submodule(t.module) for t in targets})
                 try:
-                    fp_out = calib.run(model, index, moments=moments)
+                    fp_out = calib.run(model, index, moments=moments, keep=not initialised)
                 finally:
                     moments.remove()
                 if held_out is not None:

@@ -300,8 +300,14 @@ def _split_counts(available: int, options: CalibrationOptions, have: str) -> tup
 def _packed(
     documents: list[str], tokenizer: Any, options: CalibrationOptions, seq_len: int
 ) -> tuple[Sequences | None, Sequences, list[str]]:
-    """Windows of ``seq_len`` tokens from the documents joined by EOS, in seeded random order."""
+    """Windows of ``seq_len`` tokens from the documents joined by EOS, in seeded random order.
+
+    When the tokenizer starts its sequences with BOS (Llama, Gemma: their models put an
+    attention sink there and behave differently without it), every window starts with BOS
+    followed by ``seq_len - 1`` tokens of the stream."""
     eos = tokenizer.eos_token_id
+    bos = _leading_bos(tokenizer)
+    width = seq_len - (bos is not None)
     pieces: list[torch.Tensor] = []
     for start in range(0, len(documents), TOKENISE_CHUNK):
         chunk = documents[start : start + TOKENISE_CHUNK]
@@ -311,18 +317,21 @@ def _packed(
                 ids = [eos, *ids]
             pieces.append(torch.tensor(ids, dtype=torch.int32))  # int32 halves a large stream; ids fit
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
-    total = stream.numel() // seq_len
+    total = stream.numel() // width
     minimum, wanted = _minimum(options), options.samples + options.eval_samples
     if total < minimum:
         raise InvalidCalibrationData(
-            f"calibration text has {stream.numel()} tokens; seq_len={seq_len} needs at least {minimum * seq_len} "
-            f"({minimum} window(s) of {seq_len} tokens), and {wanted * seq_len} for samples={options.samples} + "
+            f"calibration text has {stream.numel()} tokens; seq_len={seq_len} needs at least {minimum * width} "
+            f"({minimum} window(s) of {width} tokens{' after BOS' if bos is not None else ''}), and {wanted * width} "
+            f"for samples={options.samples} + "
             f"eval_samples={options.eval_samples}"
         )
     n_eval, n_cal, warnings = _split_counts(
-        total, options, have=f"calibration text has {stream.numel()} tokens, {total} window(s) of {seq_len}"
+        total, options, have=f"calibration text has {stream.numel()} tokens, {total} window(s) of {width}"
     )
-    windows = stream[: total * seq_len].view(total, seq_len)
+    windows = stream[: total * width].view(total, width)
+    if bos is not None:
+        windows = torch.cat([torch.full((total, 1), bos, dtype=windows.dtype), windows], dim=1)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(options.seed))
 
     def take(index: torch.Tensor) -> Sequences:
@@ -332,6 +341,15 @@ def _packed(
     evaluation = take(order[:n_eval]) if n_eval else None
     calibration = take(order[n_eval : n_eval + n_cal])
     return evaluation, calibration, warnings
+
+
+def _leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer puts it in front of what it encodes, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
 def _unpacked(

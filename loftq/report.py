@@ -109,6 +109,8 @@ class Summary:
     objective: str = "weight"
     mean_objective_error_quant: float = 0.0
     mean_objective_error: float = 0.0
+    mean_output_error_quant: float | None = None  # calibrated conversions
+    mean_output_error: float | None = None
     evaluation: Evaluation | None = None
 
 
@@ -134,6 +136,11 @@ def _mean(values: list[float]) -> float:
     return fmean(values) if values else 0.0
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return fmean(known) if known and len(known) == len(values) else None
+
+
 def summarize(layers: list[LayerReport], **extra: Any) -> Summary:
     objectives = {layer.objective for layer in layers}
     return Summary(
@@ -143,5 +150,7 @@ def summarize(layers: list[LayerReport], **extra: Any) -> Summary:
         objective=objectives.pop() if len(objectives) == 1 else "mixed" if objectives else "weight",
         mean_objective_error_quant=_mean([layer.objective_error_quant for layer in layers]),
         mean_objective_error=_mean([layer.objective_error for layer in layers]),
+        mean_output_error_quant=_mean_or_none([layer.output_error_quant for layer in layers]),
+        mean_output_error=_mean_or_none([layer.output_error for layer in layers]),
         **extra,
     )

@@ -205,3 +205,27 @@ def test_minilm_embeddings_are_closest_with_the_activation_objective(minilm: Pat
     assert weight.cosine_quantized == pytest.approx(activation.cosine_quantized, abs=1e-6)  # same plain NF4
     assert activation.cosine_initialised > weight.cosine_initialised > weight.cosine_quantized
     assert activation.gap_recovered > 0.4
+
+
+def test_interrupted_calibrated_conversion_resumes_to_the_same_checkpoint(calib_llama: Path, tmp_path: Path, calibration_text: Path) -> None:
+    options = _options(objective="activation")
+    reference = tmp_path / "reference"
+    convert_directory(calib_llama, reference, options, calibration_data=calibration_text)
+    out = tmp_path / "out"
+    events: list[ProgressEvent] = []
+    with pytest.raises(Cancelled):  # stopped while writing the shards, after the calibration pass
+        convert_directory(
+            calib_llama,
+            out,
+            options,
+            calibration_data=calibration_text,
+            on_progress=events.append,
+            should_stop=lambda: any(e.stage == "shard" for e in events),
+        )
+    assert not (out / MANIFEST_NAME).exists()
+    report = convert_directory(calib_llama, out, options, calibration_data=calibration_text)
+    assert report.summary.shards_resumed >= 1
+    for path in reference.rglob("*.safetensors"):
+        assert _sha256(path) == _sha256(out / path.relative_to(reference)), path.name
+    assert report.summary.mean_output_error is not None
+    assert report.summary.mean_output_error < report.summary.mean_output_error_quant

@@ -205,9 +205,12 @@ def test_packed_windows_come_from_the_token_stream(calibration_text: Path, bpe_t
 
     tokenizer = _tokenizer(bpe_tokenizer_dir)
     stream = _stream(documents, tokenizer)
-    cal_offsets = _window_offsets(calibration.input_ids, stream)
-    eval_offsets = _window_offsets(evaluation.input_ids, stream)
-    assert all(offset % 32 == 0 for offset in cal_offsets + eval_offsets)
+    # the tokenizer starts sequences with BOS, so every window does, then 31 tokens of the stream
+    for seqs in (calibration, evaluation):
+        assert bool((seqs.input_ids[:, 0] == tokenizer.bos_token_id).all())
+    cal_offsets = _window_offsets(calibration.input_ids[:, 1:], stream)
+    eval_offsets = _window_offsets(evaluation.input_ids[:, 1:], stream)
+    assert all(offset % 31 == 0 for offset in cal_offsets + eval_offsets)
     assert len(set(cal_offsets)) == 10 and len(set(eval_offsets)) == 5
     assert not set(cal_offsets) & set(eval_offsets)  # held out means never fitted on
     assert cal_offsets != sorted(cal_offsets)  # shuffled, not the first windows in order
@@ -215,7 +218,7 @@ def test_packed_windows_come_from_the_token_stream(calibration_text: Path, bpe_t
     # documents are joined by EOS and carry no BOS/EOS of their own
     all_ids = torch.cat([calibration.input_ids, evaluation.input_ids])
     assert int((all_ids == tokenizer.eos_token_id).sum()) > 0
-    assert int((all_ids == tokenizer.bos_token_id).sum()) == 0
+    assert int((all_ids[:, 1:] == tokenizer.bos_token_id).sum()) == 0  # only the leading one
     assert stream.count(tokenizer.eos_token_id) == len(documents) - 1
 
 
@@ -261,21 +264,21 @@ def test_max_length_caps_seq_len(calibration_text: Path, bpe_tokenizer_dir: Path
 
 def test_packed_shortfall_warns_and_splits(calibration_text: Path, bpe_tokenizer_dir: Path) -> None:
     tokenizer = _tokenizer(bpe_tokenizer_dir)
-    windows = len(_stream(read_documents(calibration_text)[0], tokenizer)) // 128
+    windows = len(_stream(read_documents(calibration_text)[0], tokenizer)) // 127  # 127 tokens after BOS
     assert 20 < windows < 200  # the text is a few thousand tokens
     result = load_calibration(calibration_text, bpe_tokenizer_dir, _options(seq_len=128, samples=500, eval_samples=16), packed=True)
     n_eval = min(16, max(1, windows // 5))
     assert len(result.evaluation) == n_eval
     assert len(result.calibration) == windows - n_eval
     assert len(result.warnings) == 1
-    assert f"{windows} window(s) of 128" in result.warnings[0]
+    assert f"{windows} window(s) of 127" in result.warnings[0]
     assert f"using {windows - n_eval} for calibration and {n_eval} held out" in result.warnings[0]
 
 
 def test_shortfall_leftover_goes_to_evaluation(calibration_text: Path, bpe_tokenizer_dir: Path) -> None:
     """Few windows but only 2 calibration samples asked: calibration still gets 2, the rest is held out."""
     tokenizer = _tokenizer(bpe_tokenizer_dir)
-    windows = len(_stream(read_documents(calibration_text)[0], tokenizer)) // 128
+    windows = len(_stream(read_documents(calibration_text)[0], tokenizer)) // 127
     result = load_calibration(calibration_text, bpe_tokenizer_dir, _options(seq_len=128, samples=2, eval_samples=windows), packed=True)
     assert len(result.calibration) == 2
     assert len(result.evaluation) == windows - 2
@@ -287,21 +290,21 @@ def test_packed_minimum(tmp_path: Path, bpe_tokenizer_dir: Path, eval_samples: i
     """Enough text for one window: fine without a held-out part, refused with one."""
     (tmp_path / "short.txt").write_text(text)
     tokens = len(_tokenizer(bpe_tokenizer_dir)(text.strip(), add_special_tokens=False)["input_ids"])
-    options = _options(seq_len=tokens, eval_samples=eval_samples)
+    options = _options(seq_len=tokens + 1, eval_samples=eval_samples)  # + BOS
     if fits:
         result = load_calibration(tmp_path / "short.txt", bpe_tokenizer_dir, options, packed=True)
         assert len(result.calibration) == 1 and result.evaluation is None and result.warnings
     else:
         with pytest.raises(
             InvalidCalibrationData,
-            match=rf"calibration text has {tokens} tokens; seq_len={tokens} needs at least {2 * tokens} \(2 window\(s\)",
+            match=rf"calibration text has {tokens} tokens; seq_len={tokens + 1} needs at least {2 * tokens} \(2 window\(s\)",
         ):
             load_calibration(tmp_path / "short.txt", bpe_tokenizer_dir, options, packed=True)
 
 
 def test_packed_too_short(tmp_path: Path, bpe_tokenizer_dir: Path) -> None:
     (tmp_path / "short.txt").write_text("Just a few words.\nAnd a few more.\n")
-    with pytest.raises(InvalidCalibrationData, match=r"calibration text has \d+ tokens; seq_len=512 needs at least 1024 .* 36864 for samples=64"):
+    with pytest.raises(InvalidCalibrationData, match=r"calibration text has \d+ tokens; seq_len=512 needs at least 1022 .* 36792 for samples=64"):
         load_calibration(tmp_path / "short.txt", bpe_tokenizer_dir, CalibrationOptions(samples=64, eval_samples=8), packed=True)
 
 
