@@ -29,3 +29,19 @@ def test_conversion_on_cuda_matches_cpu(tiny_llama: Path, tmp_path: Path) -> Non
     assert on_gpu.device.startswith("cuda") and on_gpu.summary.peak_device_mb is not None
     for cpu_layer, gpu_layer in zip(on_cpu.layers, on_gpu.layers):
         assert gpu_layer.error == pytest.approx(cpu_layer.error, rel=1e-3)
+
+
+def test_calibrated_conversion_on_cuda_matches_cpu(calib_mistral: Path, tmp_path: Path, calibration_text: Path) -> None:
+    from loftq.options import CalibrationOptions
+
+    calibration = CalibrationOptions(samples=8, seq_len=32, eval_samples=4, batch_size=4, evaluate=True)
+    options = ConvertOptions(rank=8, svd="exact", objective="activation", calibration=calibration)
+    reports = {
+        device: convert_directory(calib_mistral, tmp_path / device, options.model_copy(update={"device": device}), calibration_data=calibration_text)
+        for device in ("cpu", "cuda")
+    }
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu.device.startswith("cuda")
+    for cpu_layer, gpu_layer in zip(cpu.layers, gpu.layers):
+        assert gpu_layer.output_error == pytest.approx(cpu_layer.output_error, rel=1e-2)
+    assert gpu.summary.evaluation.perplexity_initialised == pytest.approx(cpu.summary.evaluation.perplexity_initialised, rel=1e-3)
