@@ -249,13 +249,25 @@ class CalibratedConversion:
         stored = weight.T if target.fan_in_fan_out else weight
         self.model._set(f"{target.module}.weight", nn.Parameter(stored.contiguous(), requires_grad=False))
 
+    def _whitenings(self, h: torch.Tensor | None) -> tuple[Whitening | None, Whitening | None]:
+        """(the objective's whitening, the full-H metric of the output error) for a second moment,
+        factored once for all the layers that share it (q/k/v, gate/up)."""
+        if h is None:
+            return None, None
+        cached = self._factored.get(id(h))
+        if cached is None or cached[0] is not h:
+            objective = whitening_for(h, self.options)
+            full = objective if objective is not None and not objective.diagonal else Whitening.from_hessian(h, self.options.damping)
+            cached = self._factored[id(h)] = (h, objective, full)
+        return cached[1], cached[2]
+
     def _fit(self, target: Target, h: torch.Tensor | None, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit one target; returns (plain quantized, initialised effective) weights, out×in."""
         started = time.perf_counter()
         info = self.reader.info(target.key)
         w = self._weight(target)
         quantizer = self.backbone.quantizer
-        whitening = whitening_for(h, self.options) if h is not None else None
+        whitening, metric = self._whitenings(h)
         if self.options.objective != "weight" and h is None:
             raise UnsupportedArchitecture(f"{target.module} received no calibration inputs; it cannot be fitted to activations")
         fit = fit_layer(
@@ -269,7 +281,6 @@ class CalibratedConversion:
         effective = fit.q_loaded + self.options.scaling * (fit.lora_b @ fit.lora_a)
         extra: dict[str, object] = {"block": block}
         if h is not None:  # the output error, whatever the objective, in the full metric of the inputs
-            metric = whitening if whitening is not None and not whitening.diagonal else Whitening.from_hessian(h, self.options.damping)
             extra["output_error_quant"] = metric.error(w, plain)
             extra["output_error"] = metric.error(w, effective)
         report = layer_report(target, fit, shard="", seconds=time.perf_counter() - started, **extra)
@@ -302,6 +313,7 @@ class CalibratedConversion:
             if should_stop():
                 raise Cancelled("conversion cancelled")
             self._pending: dict = {}
+            self._factored: dict[int, tuple] = {}
             with model.loaded(model.block_param_names(index)):
                 targets = self.block_targets[index]
                 moments = _SecondMoments({t.key: model.model.get_submodule(t.module) for t in targets})
@@ -328,7 +340,7 @@ class CalibratedConversion:
                 calib.hidden = calib.run(model, index) if initialised else fp_out
                 del fp_out, effective
             self.fits.save(f"block-{index:05d}", self._pending)
-            self._pending = {}
+            self._pending, self._factored = {}, {}
             release_freed_memory()
             on_block(index + 1, blocks)
 
@@ -354,6 +366,7 @@ class CalibratedConversion:
             return None
         with model.loaded(model.outer_param_names()):
             self._pending = {}
+            self._factored = {}
             plain: dict[str, torch.Tensor] = {}
             effective: dict[str, torch.Tensor] = {}
             originals = {t.key: self._weight(t).clone() for t in self.outer_targets}
