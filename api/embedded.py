@@ -29,6 +29,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # stopping when asked is a clean exit; the finally block below still runs
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; loopback only unless you put auth in front.")] = "127.0.0.1",
@@ -71,6 +75,9 @@ def serve(
     )
     typer.echo(f"loftq-service on http://{host}:{port} (no authentication: loopback only); data in {data_dir}", err=True)
     typer.echo(f"file:// sources allowed under: {', '.join(map(str, roots))}", err=True)
+    # uvicorn shuts down on SIGTERM and then raises it again with the handler it found; the default
+    # one would end this process on the spot and leave the worker and the job store running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:

@@ -68,6 +68,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory):
         process.wait(60)
     except subprocess.TimeoutExpired:
         process.kill()
+    # 0, not -SIGTERM: serve ran its shutdown, which stops the worker and the job store it started.
+    assert process.wait() == 0, (workdir / "serve.log").read_text()[-3000:]
     assert not list((workdir / "loftq-data" / "work").glob("*")), "scratch space is cleaned after jobs"
 
 
