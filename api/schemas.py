@@ -131,6 +131,9 @@ class JobSummary(BaseModel):
     objective: str = "weight"
     mean_objective_error_quant: float | None = None  # the objective's metric (= the weight errors for "weight")
     mean_objective_error: float | None = None
+    # Calibrated jobs: ‖(W − ·)·H^½‖/‖W·H^½‖ with the full H of each layer's inputs, whatever the objective.
+    mean_output_error_quant: float | None = None
+    mean_output_error: float | None = None
     evaluation: EvaluationSummary | None = None
     calibration: CalibrationSummary | None = None
 

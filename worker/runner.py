@@ -270,6 +270,8 @@ def job_summary(report) -> JobSummary:  # report: loftq.report.Report
         objective=summary.objective,
         mean_objective_error_quant=_finite(summary.mean_objective_error_quant),
         mean_objective_error=_finite(summary.mean_objective_error),
+        mean_output_error_quant=_finite(summary.mean_output_error_quant),
+        mean_output_error=_finite(summary.mean_output_error),
         evaluation=None
         if evaluation is None
         else EvaluationSummary(

@@ -224,6 +224,7 @@ def test_calibrated_job_with_evaluation_from_s3(stack: dict, calib_llama: Path, 
 
         summary = job["summary"]
         assert summary["objective"] == "activation"
+        assert summary["mean_output_error"] < summary["mean_output_error_quant"]
         assert summary["calibration"]["sequences"] == 8 and summary["calibration"]["seq_len"] == 32
         evaluation = summary["evaluation"]
         assert evaluation["sequences"] == 4 and evaluation["tokens"] > 0
