@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "CalibrationOptions": "loftq.options",
     "ConvertOptions": "loftq.options",
     "LoftQError": "loftq.errors",
     "LayerReport": "loftq.report",
