@@ -7,12 +7,20 @@ conversion's peak RSS is its own. The claim holds when peak RSS minus the child'
 
     python bench/memory.py [--sizes-gb 2 4] [--shard-mb 256] [--workdir DIR] [--keep]
 
+``--calibrated`` measures a calibrated conversion instead (objective activation with
+evaluation, on BPE-tokenised calibration text; the checkpoint gets the tokenizer files). It
+holds one block's fp32 weights (or the outer part: embeddings, final norm and head) plus the
+calibration activations, so the claim is a bound built from those sizes (see ``calibrated_bound``):
+
+    python bench/memory.py --calibrated [--sizes-gb 1] [--calib-samples 16] [--calib-seq-len 128]
+
 Sizes are in GiB (2**30 bytes), memory in MiB (2**20 bytes). Exit code 0 on PASS, 1 on FAIL.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shutil
@@ -26,7 +34,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 LIMIT_MB = 1024
 MAX_GROWTH = 1.25
-DIMS = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+DEFAULT_DATA = ROOT / "tests" / "data" / "calibration.txt"
+# Calibrated mode's bound: (largest of one block's / the outer part's fp32 weights) × WEIGHT_FACTOR
+# + activations × ACTIVATION_FACTOR + SLACK_MB (reasoning in bench/README.md).
+WEIGHT_FACTOR = 3
+ACTIVATION_FACTOR = 4
+SLACK_MB = 300
+DIMS = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000}
 
 Spec = list[tuple[str, tuple[int, ...]]]
 
@@ -124,8 +138,11 @@ def dir_bytes(directory: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
-def child(source: str, output: str) -> None:
-    """One conversion, measured against this process's RSS after every import is done."""
+def child(source: str, output: str, calibrated: str | None = None) -> None:
+    """One conversion, measured against this process's RSS after every import is done.
+
+    ``calibrated``: JSON of ``{"options": CalibrationOptions fields, "data": path}`` for a
+    calibrated conversion (objective activation); None for the default conversion."""
     import resource
     import threading
     import time
@@ -135,7 +152,7 @@ def child(source: str, output: str) -> None:
     import transformers
 
     from loftq.converter import convert_directory
-    from loftq.options import ConvertOptions
+    from loftq.options import CalibrationOptions, ConvertOptions
     from loftq.report import ProgressEvent
 
     # Llama's modelling module is imported lazily; build a tiny one so it is in the baseline.
@@ -143,6 +160,21 @@ def child(source: str, output: str) -> None:
                                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
     with torch.device("meta"):
         transformers.LlamaForCausalLM(tiny)
+    options = ConvertOptions(device="cpu")
+    kwargs: dict = {}
+    if calibrated is not None:
+        spec = json.loads(calibrated)
+        options = ConvertOptions(device="cpu", objective="activation", calibration=CalibrationOptions(**spec["options"]))
+        kwargs["calibration_data"] = spec["data"]
+        # What the calibrated path imports besides (tokenizers, accelerate's empty-weights
+        # context, the engine's calibration modules), so that the baseline holds it too.
+        import accelerate  # noqa: F401
+        from transformers import (
+            AutoTokenizer,  # noqa: F401
+            PreTrainedTokenizerFast,  # noqa: F401
+        )
+
+        import loftq.calibrated  # noqa: F401
 
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -154,16 +186,26 @@ def child(source: str, output: str) -> None:
         while not done.wait(0.02):
             peak = max(peak, process.memory_info().rss)
 
+    marks: dict[str, float] = {}
+
     def on_progress(event: ProgressEvent) -> None:
+        now = time.perf_counter() - started
+        rss = process.memory_info().rss / 2**20
         if event.stage == "shard":
-            rss = process.memory_info().rss / 2**20
+            marks.setdefault("first_shard", now)
             print(f"  shard {event.shards_done}/{event.shards_total}  layers {event.layers_done}/{event.layers_total}"
-                  f"  rss {rss:.0f} MB", file=sys.stderr, flush=True)
+                  f"  rss {rss:.0f} MB  peak so far {peak / 2**20:.0f} MB  {now:.0f} s", file=sys.stderr, flush=True)
+        elif event.stage == "calibration" and event.layer is None:
+            marks[f"block_{event.blocks_done}"] = now
+            print(f"  calibration: blocks {event.blocks_done}/{event.blocks_total}  rss {rss:.0f} MB"
+                  f"  peak so far {peak / 2**20:.0f} MB  {now:.0f} s", file=sys.stderr, flush=True)
+        elif event.stage in ("start", "finalize", "done"):
+            marks[event.stage] = now
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    report = convert_directory(source, output, ConvertOptions(device="cpu"), on_progress=on_progress)
+    report = convert_directory(source, output, options, on_progress=on_progress, **kwargs)
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -187,33 +229,156 @@ def child(source: str, output: str) -> None:
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "mb_per_s": bytes_in / mb / seconds,
+        "marks_s": marks,
+        "evaluation": None if report.summary.evaluation is None else vars(report.summary.evaluation),
+        "calibration": None if report.calibration is None else vars(report.calibration),
+        "warnings": report.warnings,
     }))
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def measure(source: Path, output: Path) -> dict:
+def measure(source: Path, output: Path, calibrated: dict | None = None) -> dict:
     """Run ``child`` in a fresh interpreter and parse its JSON line."""
-    result = subprocess.run([sys.executable, __file__, "--child", str(source), str(output)],
+    extra = [] if calibrated is None else ["--child-calibrated", json.dumps(calibrated)]
+    result = subprocess.run([sys.executable, __file__, "--child", str(source), str(output), *extra],
                             stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- calibrated mode
+
+
+def add_tokenizer(directory: Path, data: Path) -> int:
+    """Train the byte-level BPE tokenizer of bench/calibration.py on ``data`` and save it into the
+    checkpoint (calibration tokenises with the checkpoint's own tokenizer). Returns its size."""
+    spec = importlib.util.spec_from_file_location("bench_calibration", ROOT / "bench" / "calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build_tokenizer(data, directory)
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+    if size > DIMS["vocab_size"]:
+        raise SystemExit(f"the tokenizer has {size} entries, more than the checkpoint's vocab_size {DIMS['vocab_size']}")
+    return size
+
+
+def calibrated_bound(layers: int, samples: int, seq_len: int, eval_samples: int) -> dict:
+    """The figures the calibrated peak is compared with, in MiB.
+
+    Activations are fp32 hidden states, samples × seq_len × hidden × 4 bytes per stream. The
+    calibration set is held as up to 2 streams at once (a block's inputs and its outputs); the
+    held-out set as up to 4 (the full-precision, plainly quantized and initialised states, plus
+    one of them as it is replaced by the block's output).
+    """
+    mb = 2**20
+    hidden = DIMS["hidden_size"]
+    outer = sum(math.prod(s) for _, s in llama_tensors(0)) * 4
+    block = sum(math.prod(s) for _, s in llama_tensors(1)) * 4 - outer
+    per_sequence = seq_len * hidden * 4
+    calibration_streams, held_out_streams = 2, 4 if eval_samples else 0
+    activations = per_sequence * (samples * calibration_streams + eval_samples * held_out_streams)
+    largest = max(block, outer)
+    bound = largest * WEIGHT_FACTOR + activations * ACTIVATION_FACTOR + SLACK_MB * mb
+    return {
+        "block_weights_mb": block / mb,
+        "outer_weights_mb": outer / mb,
+        "stream_mb": samples * per_sequence / mb,
+        "held_out_stream_mb": eval_samples * per_sequence / mb,
+        "calibration_streams": calibration_streams,
+        "held_out_streams": held_out_streams,
+        "activations_mb": activations / mb,
+        "bound_mb": bound / mb,
+        "layers": layers,
+    }
+
+
+def run_calibrated(args: argparse.Namespace, workdir: Path) -> int:
+    calibration = {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "eval_samples": args.calib_eval_samples,
+                   "batch_size": args.calib_batch_size, "evaluate": args.calib_eval_samples > 0}
+    spec = {"options": calibration, "data": str(args.data)}
+    rows = []
+    for size in sorted(args.sizes_gb):
+        source, output = workdir / f"llama-{size:g}gb", workdir / f"llama-{size:g}gb-loftq"
+        print(f"[{size:g} GB] writing checkpoint ...", flush=True)
+        layers, shards = write_checkpoint(source, size, args.shard_mb)
+        vocab = add_tokenizer(source, args.data)
+        print(f"[{size:g} GB] {layers} decoder layers, {shards} shards, BPE tokenizer of {vocab} entries; "
+              f"calibrated conversion ({json.dumps(calibration)}) ...", flush=True)
+        row = {"size_gb": size, "shards": shards, "decoder_layers": layers,
+               **calibrated_bound(layers, args.calib_samples, args.calib_seq_len, args.calib_eval_samples),
+               **measure(source, output, spec)}
+        print(f"[{size:g} GB] {json.dumps(row)}", flush=True)
+        rows.append(row)
+        if not args.keep:
+            shutil.rmtree(source)
+            shutil.rmtree(output)
+
+    ok = True
+    for r in rows:
+        print()
+        cal = r["calibration"] or {}
+        print(f"{r['size_gb']:g} GB: {r['decoder_layers']} blocks, {r['shards']} shards, {r['layers']} LoRA layers; "
+              f"{cal.get('sequences')} calibration sequences × {cal.get('seq_len')} tokens "
+              f"(+ {args.calib_eval_samples} held out), objective activation, propagation {cal.get('propagation')}")
+        print(f"  one block's fp32 weights            {r['block_weights_mb']:9.1f} MB")
+        print(f"  outer part (embeddings, norm, head) {r['outer_weights_mb']:9.1f} MB")
+        print(f"  calibration activations             {r['activations_mb']:9.1f} MB  "
+              f"({r['stream_mb']:.1f} MB per stream × {r['calibration_streams']}"
+              f" + held out {r['held_out_stream_mb']:.1f} MB × {r['held_out_streams']})")
+        print(f"  bound: max(block, outer) × {WEIGHT_FACTOR} + activations × {ACTIVATION_FACTOR} + {SLACK_MB}"
+              f" = {r['bound_mb']:9.1f} MB")
+        print(f"  baseline {r['baseline_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, "
+              f"measured peak − baseline           {r['peak_minus_baseline_mb']:9.1f} MB")
+        marks = r["marks_s"]
+        blocks = r["decoder_layers"]
+        print(f"  time {r['seconds']:.0f} s: tokenise+capture {marks['block_0'] - marks['start']:.0f} s, "
+              f"blocks {marks[f'block_{blocks}'] - marks['block_0']:.0f} s, "
+              f"head+shards {marks['finalize'] - marks[f'block_{blocks}']:.0f} s, finalize {marks['done'] - marks['finalize']:.0f} s")
+        for warning in r["warnings"]:
+            print(f"  engine warning: {warning}")
+        passed = r["peak_minus_baseline_mb"] < r["bound_mb"]
+        ok = ok and passed
+        print(f"  {'PASS' if passed else 'FAIL'}: peak − baseline {r['peak_minus_baseline_mb']:.0f} MB "
+              f"{'<' if passed else '>='} bound {r['bound_mb']:.0f} MB")
+    if args.keep:
+        print(f"data kept in {workdir}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2, 4], help="model sizes in GiB of fp32 weights")
+    parser.add_argument("--sizes-gb", type=float, nargs="+", help="model sizes in GiB of fp32 weights (default: 2 4; "
+                        "calibrated: 1)")
     parser.add_argument("--shard-mb", type=int, default=256, help="largest shard in MiB")
     parser.add_argument("--workdir", type=Path, help="where to write checkpoints (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints and outputs")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="measure a calibrated conversion (objective activation, evaluate) against its bound")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="calibrated: calibration text (.txt/.jsonl)")
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibrated: calibration sequences")
+    parser.add_argument("--calib-seq-len", type=int, default=128, help="calibrated: tokens per sequence")
+    parser.add_argument("--calib-eval-samples", type=int, default=4, help="calibrated: held-out sequences (0: no evaluate)")
+    parser.add_argument("--calib-batch-size", type=int, default=8, help="calibrated: sequences per forward pass")
     parser.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-calibrated", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        child(*args.child, calibrated=args.child_calibrated)
         return 0
+    if args.sizes_gb is None:
+        args.sizes_gb = [1] if args.calibrated else [2, 4]
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loftq-bench-memory-"))
     print(f"workdir: {workdir}", flush=True)
+    if args.calibrated:
+        try:
+            return run_calibrated(args, workdir)
+        finally:
+            if not args.keep and args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     try:
         for size in sorted(args.sizes_gb):
