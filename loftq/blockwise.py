@@ -131,6 +131,15 @@ class _Replay(nn.Module):
         return (hidden,) if self.as_tuple else hidden
 
 
+def _legacy_name(key: str) -> str:
+    """The name old checkpoints (e.g. the original BERTs) store a LayerNorm parameter under;
+    transformers renames LayerNorm.gamma/beta to weight/bias when it loads them."""
+    for new, old in ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta")):
+        if key.endswith(new):
+            return key.removesuffix(new) + old
+    return key
+
+
 def _model_class(config: object) -> type:
     import transformers
 
@@ -207,6 +216,7 @@ class StreamedModel:
             options = [candidate]
             if self._prefix:
                 options += [f"{self._prefix}.{candidate}", candidate.removeprefix(f"{self._prefix}.")]
+            options += [_legacy_name(key) for key in options if _legacy_name(key) != key]
             for key in options:
                 if key in keys:
                     return key

@@ -61,7 +61,9 @@ class _SecondMoments:
         self._handles = [m.register_forward_hook(self._hook(key)) for key, m in modules.items()]
 
     def new_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask
+        """An all-real mask (every decoder window) is dropped: selecting rows by it would copy
+        each layer's input and sync the device, once per hooked layer."""
+        self.mask = None if bool(mask.all()) else mask.bool()
         self._batch_inputs = []
 
     def _hook(self, key: str) -> Callable:
@@ -76,7 +78,7 @@ class _SecondMoments:
                 return
             mask = self.mask
             if mask is not None and x.shape[:-1] == mask.shape:
-                x = x[mask.to(x.device).bool()]
+                x = x[mask.to(x.device)]
             h, count = self._sums.get(key, (None, 0))
             self._sums[key] = accumulate_hessian(h, x, count)
 
@@ -87,8 +89,12 @@ class _SecondMoments:
         return h
 
     def remove(self) -> None:
+        """Detach the hooks and drop the inputs held for grouping (with a single batch they
+        would otherwise stay alive through every fit of the block)."""
         for handle in self._handles:
             handle.remove()
+        self._batch_inputs = []
+        self.mask = None
 
 
 @dataclass
@@ -162,9 +168,8 @@ class _Evaluator:
 
     def __init__(self, stream: _Stream) -> None:
         self.stream = stream
-        self.fp = stream.hidden
-        self.plain = stream.hidden
-        self.init = stream.hidden
+        self.fp = self.plain = self.init = stream.hidden
+        stream.hidden = []  # the three versions replace these; the stream must not keep block 0's copy
 
     def result(self, model: StreamedModel, nll: dict[str, tuple[float, int]]) -> Evaluation:
         cos_plain, cos_init = [], []
@@ -211,6 +216,7 @@ class CalibratedConversion:
         self.device = device
         self.reader = TensorReader(source, checkpoint)
         self.model = StreamedModel(config, self.reader, device)
+        self.reader.close()  # shards reopen on demand; none is held while the data is loaded
         self.fits = CalibratedFits(scratch)
         self.block_targets: list[list[Target]] = [[] for _ in self.model.blocks]
         self.outer_targets: list[Target] = []
@@ -299,6 +305,21 @@ class CalibratedConversion:
         on_block: Callable[[int, int], None],
         should_stop: Callable[[], bool],
     ) -> CalibrationResult:
+        """Phase one; the shards it opened are closed however it ends (for object storage each
+        is a downloaded copy on scratch disk, which a cancelled job's traceback would keep)."""
+        try:
+            return self._run(data, on_layer=on_layer, on_block=on_block, should_stop=should_stop)
+        finally:
+            self.reader.close()
+
+    def _run(
+        self,
+        data: CalibrationSet,
+        *,
+        on_layer: Callable[[LayerReport], None],
+        on_block: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+    ) -> CalibrationResult:
         self.on_layer = on_layer
         model = self.model
         evaluate = self.options.calibration.evaluate and data.evaluation is not None
@@ -323,18 +344,25 @@ class CalibratedConversion:
                     moments.remove()
                 if held_out is not None:
                     held_out.fp = held_out.stream.run(model, index, held_out.fp)
-                effective = {}
-                plain = {}
+                # Each fp32 copy of the block's targets is kept only if a stream runs on it.
+                effective: dict[str, torch.Tensor] = {}
+                plain: dict[str, torch.Tensor] = {}
                 for target in targets:
-                    plain[target.key], effective[target.key] = self._fit(target, moments.get(target.key), index)
+                    plain_weight, effective_weight = self._fit(target, moments.get(target.key), index)
+                    if held_out is not None:
+                        plain[target.key] = plain_weight
+                    if held_out is not None or initialised:
+                        effective[target.key] = effective_weight
+                    del plain_weight, effective_weight
                 del moments
                 if held_out is not None:
                     for target in targets:
                         self._set_weight(target, plain[target.key])
                     held_out.plain = held_out.stream.run(model, index, held_out.plain)
                 del plain
-                for target in targets:
-                    self._set_weight(target, effective[target.key])
+                if effective:
+                    for target in targets:
+                        self._set_weight(target, effective[target.key])
                 if held_out is not None:
                     held_out.init = held_out.stream.run(model, index, held_out.init)
                 calib.hidden = calib.run(model, index) if initialised else fp_out
@@ -345,7 +373,6 @@ class CalibratedConversion:
             on_block(index + 1, blocks)
 
         evaluation = self._head(calib, held_out)
-        self.reader.close()
         calibration = Calibration(
             sha256=data.sha256,
             documents=data.documents,
