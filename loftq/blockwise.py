@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ CAUSAL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 ENCODER_MODEL_TYPES = {"bert"}
 SUPPORTED_MODEL_TYPES = CAUSAL_MODEL_TYPES | ENCODER_MODEL_TYPES
 
-HEAD_LOGITS_BYTES = 256 * 2**20
+HEAD_LOGITS_BYTES = 64 * 2**20
 
 
 class TensorReader:
@@ -247,6 +247,35 @@ class StreamedModel:
             self._set(name, nn.Parameter(torch.empty(param.shape, device="meta"), requires_grad=False))
 
     @contextlib.contextmanager
+    def loaded_on_use(self, names: list[str]) -> Iterator[Callable[[list[str]], None]]:
+        """Load each of these parameters when its module is first called, drop them all at the
+        end: a capture needs the embeddings but not the head, a head pass the reverse, and
+        which module is which is the model's business. Yields ``ensure(names)`` to load
+        parameters a caller needs whether or not their module ran."""
+        wanted = set(names)
+        loaded: set[str] = set()
+
+        def ensure(params: list[str]) -> None:
+            todo = [p for p in params if p not in loaded]
+            self.load(todo)
+            loaded.update(todo)
+
+        owners: dict[str, list[str]] = {}
+        for name in names:
+            for alias in self._tied[name]:
+                owners.setdefault(alias.rpartition(".")[0], []).append(name)
+        handles = [
+            self.model.get_submodule(module).register_forward_pre_hook(lambda *_, params=params: ensure(params))
+            for module, params in owners.items()
+        ]
+        try:
+            yield ensure
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.unload(sorted(loaded & wanted))
+
+    @contextlib.contextmanager
     def loaded(self, names: list[str]) -> Iterator[None]:
         self.load(names)
         try:
@@ -302,9 +331,13 @@ class StreamedModel:
         as_tuple = bool(self.block_returns_tuple)
         stand_ins = [_Replay(final_hidden, as_tuple)] + [_Replay(None, as_tuple) for _ in range(len(self.blocks) - 1)]
         kwargs = self._forward_kwargs(input_ids, attention_mask)
+        # Zeros stand in for the token embeddings (block 0's stand-in replaces them anyway), so
+        # the head pass does not need the embedding matrix unless the head is tied to it.
+        ids = kwargs.pop("input_ids")
+        hidden_size = int(self.config.hidden_size)
         if not self.has_loss:
             with self._blocks_replaced(stand_ins):
-                self.model(**kwargs)
+                self.model(**kwargs, inputs_embeds=torch.zeros(*ids.shape, hidden_size, device=self.device))
             return 0.0, 0
         # The logits (sequences × L × vocab, fp32) are the largest tensor of the whole pass:
         # the head runs on as many sequences at a time as fit in HEAD_LOGITS_BYTES.
@@ -313,11 +346,12 @@ class StreamedModel:
         total, tokens = 0.0, 0
         for start in range(0, input_ids.shape[0], rows):
             part = slice(start, start + rows)
-            ids, mask = kwargs["input_ids"][part], kwargs["attention_mask"][part]
-            labels = ids.masked_fill(mask == 0, -100)
+            mask = kwargs["attention_mask"][part]
+            labels = ids[part].masked_fill(mask == 0, -100)
             stand_ins[0].hidden = final_hidden[part]
+            embeds = torch.zeros(*labels.shape, hidden_size, device=self.device)
             with self._blocks_replaced(stand_ins):
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, labels=labels)
+                out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, labels=labels)
             count = int((labels[:, 1:] != -100).sum())
             total, tokens = total + float(out.loss) * count, tokens + count
         return total, tokens

@@ -42,8 +42,6 @@ from loftq.storage import Source
 from loftq.targets import ModelLayout, Target
 from loftq.whitening import Whitening, accumulate_hessian, whitening_for
 
-OUTER = "outer"  # scratch file of the targets outside the blocks (e.g. BERT's pooler)
-
 
 class _SecondMoments:
     """Accumulates H for target layers through forward hooks.
@@ -135,17 +133,16 @@ class CalibratedFits:
     stored_names: dict[str, list[str]] = field(default_factory=dict)
     reports: dict[str, LayerReport] = field(default_factory=dict)
 
-    def save(self, name: str, fits: dict[str, tuple[Target, list[tuple[str, torch.Tensor]], torch.Tensor, torch.Tensor, LayerReport]]) -> None:
-        path = self.scratch / f"{name}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        for key, (target, stored, lora_a, lora_b, report) in fits.items():
-            tensors.update((n, t.contiguous()) for n, t in stored)
-            key_a, key_b = lora_keys(target.module)
-            tensors[key_a], tensors[key_b] = lora_a, lora_b
-            self.files[key] = path
-            self.stored_names[key] = [n for n, _ in stored]
-            self.reports[key] = report
+    def add(self, target: Target, stored: list[tuple[str, torch.Tensor]], lora_a: torch.Tensor, lora_b: torch.Tensor, report: LayerReport) -> None:
+        """Written as soon as the layer is fitted, so a block's fits are never all in memory."""
+        path = self.scratch / f"{len(self.files):06d}.safetensors"
+        tensors = {n: t.contiguous() for n, t in stored}
+        key_a, key_b = lora_keys(target.module)
+        tensors[key_a], tensors[key_b] = lora_a, lora_b
         save_file(tensors, str(path))
+        self.files[target.key] = path
+        self.stored_names[target.key] = [n for n, _ in stored]
+        self.reports[target.key] = report
 
     def __call__(self, info: TensorInfo, target: Target, tensor: torch.Tensor, shard: str) -> FittedLayer:
         with safe_open(str(self.files[target.key]), framework="pt") as handle:
@@ -267,8 +264,9 @@ class CalibratedConversion:
             cached = self._factored[id(h)] = (h, objective, full)
         return cached[1], cached[2]
 
-    def _fit(self, target: Target, h: torch.Tensor | None, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fit one target; returns (plain quantized, initialised effective) weights, out×in."""
+    def _fit(self, target: Target, h: torch.Tensor | None, block: int | None) -> torch.Tensor:
+        """Fit one target, write it to scratch and return its initialised weight (out×in),
+        Q as loaded + scaling·B·A: what the model computes with after loading."""
         started = time.perf_counter()
         info = self.reader.info(target.key)
         w = self._weight(target)
@@ -283,17 +281,17 @@ class CalibratedConversion:
             as_loaded=lambda q: self.backbone.as_loaded(q, info.torch_dtype),
             whitening=whitening,
         )
-        plain = quantizer.fake_quantize(w)
         effective = fit.q_loaded + self.options.scaling * (fit.lora_b @ fit.lora_a)
         extra: dict[str, object] = {"block": block}
-        if h is not None:  # the output error, whatever the objective, in the full metric of the inputs
-            extra["output_error_quant"] = metric.error(w, plain)
+        if metric is not None and metric is whitening:  # the fit measured both in this metric already
+            extra["output_error_quant"], extra["output_error"] = fit.objective_error_quant, fit.error
+        elif metric is not None:  # the output error, whatever the objective, in the full metric of the inputs
+            extra["output_error_quant"] = metric.error(w, quantizer.fake_quantize(w))
             extra["output_error"] = metric.error(w, effective)
         report = layer_report(target, fit, shard="", seconds=time.perf_counter() - started, **extra)
-        stored = self.backbone.tensors(info, target, fit.q.cpu())
-        self._pending[target.key] = (target, stored, fit.lora_a.cpu(), fit.lora_b.cpu(), report)
+        self.fits.add(target, self.backbone.tensors(info, target, fit.q.cpu()), fit.lora_a.cpu(), fit.lora_b.cpu(), report)
         self.on_layer(report)
-        return plain, effective
+        return effective
 
     # -- the pass -------------------------------------------------------------------------
 
@@ -324,8 +322,7 @@ class CalibratedConversion:
         model = self.model
         evaluate = self.options.calibration.evaluate and data.evaluation is not None
         initialised = self.options.calibration.propagation == "initialised"
-        outer = model.outer_param_names()
-        with model.loaded(outer):
+        with model.loaded_on_use(model.outer_param_names()):  # the embeddings, not the head
             calib = self._capture(data.calibration)
             held_out = _Evaluator(self._capture(data.evaluation)) if evaluate else None
         blocks = len(model.blocks)
@@ -333,7 +330,6 @@ class CalibratedConversion:
         for index in range(blocks):
             if should_stop():
                 raise Cancelled("conversion cancelled")
-            self._pending: dict = {}
             self._factored: dict[int, tuple] = {}
             with model.loaded(model.block_param_names(index)):
                 targets = self.block_targets[index]
@@ -344,31 +340,28 @@ class CalibratedConversion:
                     moments.remove()
                 if held_out is not None:
                     held_out.fp = held_out.stream.run(model, index, held_out.fp)
-                # Each fp32 copy of the block's targets is kept only if a stream runs on it.
-                effective: dict[str, torch.Tensor] = {}
-                plain: dict[str, torch.Tensor] = {}
-                for target in targets:
-                    plain_weight, effective_weight = self._fit(target, moments.get(target.key), index)
-                    if held_out is not None:
-                        plain[target.key] = plain_weight
-                    if held_out is not None or initialised:
-                        effective[target.key] = effective_weight
-                    del plain_weight, effective_weight
-                del moments
-                if held_out is not None:
+                    # Plain quantization depends on W alone: run it before the fits, then put the
+                    # full-precision weights back (references: no copy of the block is made).
+                    originals = {t.key: self._weight(t) for t in targets}
                     for target in targets:
-                        self._set_weight(target, plain[target.key])
+                        self._set_weight(target, self.backbone.quantizer.fake_quantize(originals[target.key]))
                     held_out.plain = held_out.stream.run(model, index, held_out.plain)
-                del plain
-                if effective:
                     for target in targets:
-                        self._set_weight(target, effective[target.key])
+                        self._set_weight(target, originals[target.key])
+                    del originals
+                # Each initialised weight replaces the full-precision one as soon as it is fitted
+                # (the second moments are already collected), so the block is held once.
+                for target in targets:
+                    effective = self._fit(target, moments.get(target.key), index)
+                    if held_out is not None or initialised:
+                        self._set_weight(target, effective)
+                    del effective
+                del moments
                 if held_out is not None:
                     held_out.init = held_out.stream.run(model, index, held_out.init)
                 calib.hidden = calib.run(model, index) if initialised else fp_out
-                del fp_out, effective
-            self.fits.save(f"block-{index:05d}", self._pending)
-            self._pending, self._factored = {}, {}
+                del fp_out
+            self._factored = {}
             release_freed_memory()
             on_block(index + 1, blocks)
 
@@ -391,12 +384,11 @@ class CalibratedConversion:
         model = self.model
         if not self.outer_targets and held_out is None:
             return None
-        with model.loaded(model.outer_param_names()):
-            self._pending = {}
+        with model.loaded_on_use(model.outer_param_names()) as ensure:  # the head, not the embeddings
             self._factored = {}
             plain: dict[str, torch.Tensor] = {}
             effective: dict[str, torch.Tensor] = {}
-            originals = {t.key: self._weight(t).clone() for t in self.outer_targets}
+            originals: dict[str, torch.Tensor] = {}
             if self.outer_targets:
                 moments = _SecondMoments({t.key: model.model.get_submodule(t.module) for t in self.outer_targets})
                 try:
@@ -405,10 +397,11 @@ class CalibratedConversion:
                         model.run_head(hidden, calib.ids[b], calib.masks[b])
                 finally:
                     moments.remove()
+                ensure([f"{t.module}.weight" for t in self.outer_targets])
                 for target in self.outer_targets:
-                    plain[target.key], effective[target.key] = self._fit(target, moments.get(target.key), None)
-                self.fits.save(OUTER, self._pending)
-                self._pending = {}
+                    originals[target.key] = self._weight(target).clone()
+                    plain[target.key] = self.backbone.quantizer.fake_quantize(originals[target.key])
+                    effective[target.key] = self._fit(target, moments.get(target.key), None)
             if held_out is None:
                 return None
             nll: dict[str, tuple[float, int]] = {}
