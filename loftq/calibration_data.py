@@ -211,6 +211,8 @@ def load_calibration(
         evaluation, calibration, warnings = _packed(documents, tokenizer, options, seq_len)
     else:
         evaluation, calibration, warnings = _unpacked(documents, tokenizer, options, seq_len, pad_id)
+    if seq_len < options.seq_len:
+        warnings = [f"seq_len {options.seq_len} is above the model's {max_length} positions; used {seq_len}", *warnings]
     return CalibrationSet(
         calibration=calibration,
         evaluation=evaluation,

@@ -50,6 +50,12 @@ class CalibrationOptions(BaseModel):
         description="Measure held-out perplexity (decoders) and output similarity of the full-precision, plainly quantized and initialised models.",
     )
 
+    @model_validator(mode="after")
+    def _evaluate_needs_held_out(self) -> CalibrationOptions:
+        if self.evaluate and self.eval_samples == 0:
+            raise ValueError("evaluate needs held-out sequences: eval_samples must be at least 1")
+        return self
+
 
 class ConvertOptions(BaseModel):
     """Everything that decides the numbers in a LoftQ checkpoint."""
@@ -72,7 +78,7 @@ class ConvertOptions(BaseModel):
         description=(
             "What the per-layer fit minimises: 'weight': ‖W − Q − B·A‖ (plain LoftQ); 'activation': the error in the "
             "metric of the layer's calibration inputs, ‖(W − Q − B·A)·H^½‖ with H = XᵀX/n; 'activation-diag': the same "
-            "with only diag(H) (cheaper, no Cholesky)."
+            "with only diag(H) in the fit (no whitening matrix; the reported output error of calibrated conversions still uses the full H)."
         ),
     )
     damping: float = Field(

@@ -256,8 +256,11 @@ def test_eval_samples_zero(calibration_text: Path, bpe_tokenizer_dir: Path) -> N
 
 def test_max_length_caps_seq_len(calibration_text: Path, bpe_tokenizer_dir: Path) -> None:
     options = _options(seq_len=512)
-    assert load_calibration(calibration_text, bpe_tokenizer_dir, options, packed=True, max_length=40).calibration.input_ids.shape[1] == 40
-    assert load_calibration(calibration_text, bpe_tokenizer_dir, _options(seq_len=16), packed=True, max_length=40).calibration.input_ids.shape[1] == 16
+    capped = load_calibration(calibration_text, bpe_tokenizer_dir, options, packed=True, max_length=40)
+    assert capped.calibration.input_ids.shape[1] == 40
+    assert "seq_len 512 is above the model's 40 positions; used 40" in capped.warnings
+    short = load_calibration(calibration_text, bpe_tokenizer_dir, _options(seq_len=16), packed=True, max_length=40)
+    assert short.calibration.input_ids.shape[1] == 16 and not short.warnings
     unpacked = load_calibration(calibration_text, bpe_tokenizer_dir, options, packed=False, max_length=10)
     assert unpacked.calibration.input_ids.shape[1] <= 10
 

@@ -41,3 +41,11 @@ def test_alpha_defaults_to_rank_and_sets_scaling() -> None:
 def test_invalid_options_are_rejected(bad: dict) -> None:
     with pytest.raises(ValidationError):
         ConvertOptions(**bad)
+
+
+def test_evaluate_needs_held_out_sequences() -> None:
+    from loftq.options import CalibrationOptions
+
+    with pytest.raises(ValidationError, match="eval_samples must be at least 1"):
+        CalibrationOptions(evaluate=True, eval_samples=0)
+    assert CalibrationOptions(evaluate=False, eval_samples=0).eval_samples == 0
