@@ -15,7 +15,6 @@ with its blocks replaced by a stub that hands back already computed hidden state
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from loftq.checkpoint import SourceCheckpoint
 from loftq.errors import CorruptCheckpoint, UnsupportedArchitecture
 from loftq.safetensors_io import SafetensorsHeader, TensorInfo, read_header, read_tensor
 from loftq.storage import Source
+from loftq.targets import build_meta_model, checkpoint_key
 
 CAUSAL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2"}
 ENCODER_MODEL_TYPES = {"bert"}
@@ -131,29 +131,10 @@ class _Replay(nn.Module):
         return (hidden,) if self.as_tuple else hidden
 
 
-def _legacy_name(key: str) -> str:
-    """The name old checkpoints (e.g. the original BERTs) store a LayerNorm parameter under;
-    transformers renames LayerNorm.gamma/beta to weight/bias when it loads them."""
-    for new, old in ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta")):
-        if key.endswith(new):
-            return key.removesuffix(new) + old
-    return key
-
-
-def _model_class(config: object) -> type:
-    import transformers
-
-    architectures = getattr(config, "architectures", None) or []
-    return next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-
-
 class StreamedModel:
     """A transformers model whose weights are loaded on demand, block by block."""
 
     def __init__(self, config_dict: dict, reader: TensorReader, device: torch.device) -> None:
-        import transformers
-        from accelerate import init_empty_weights
-
         model_type = config_dict.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
@@ -162,13 +143,8 @@ class StreamedModel:
                 f"this checkpoint is {model_type!r} (convert it without calibration data, objective=weight)",
                 path="config.json",
             )
-        config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
-        config.use_cache = False
-        model_class = _model_class(config)
-        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
-        self.model.eval()
+        self.model = build_meta_model({**config_dict, "use_cache": False}, computed_buffers=True).eval()
+        config = self.model.config
         if getattr(config, "tie_word_embeddings", False) and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()  # the head shares the embedding's parameter, as from_pretrained does
         for module in self.model.modules():  # buffers only: parameters stay on meta
@@ -212,15 +188,7 @@ class StreamedModel:
 
     def checkpoint_key(self, name: str) -> str | None:
         keys = self.reader.shard_of
-        for candidate in self._tied[name]:
-            options = [candidate]
-            if self._prefix:
-                options += [f"{self._prefix}.{candidate}", candidate.removeprefix(f"{self._prefix}.")]
-            options += [_legacy_name(key) for key in options if _legacy_name(key) != key]
-            for key in options:
-                if key in keys:
-                    return key
-        return None
+        return next((k for alias in self._tied[name] if (k := checkpoint_key(alias, self._prefix, keys)) is not None), None)
 
     def _set(self, name: str, value: nn.Parameter) -> None:
         for alias in self._tied[name]:

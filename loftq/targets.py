@@ -43,7 +43,11 @@ class ModelLayout:
     output_embedding: str | None
 
 
-def _build_meta_model(config_dict: dict) -> torch.nn.Module:
+def build_meta_model(config_dict: dict, *, computed_buffers: bool = False) -> torch.nn.Module:
+    """The architecture config.json describes, with its parameters on the meta device.
+
+    ``computed_buffers`` keeps buffers real (rotary frequencies, position ids: computed in
+    ``__init__``, not stored), for a model that will run once its weights are loaded."""
     import transformers
 
     if "auto_map" in config_dict:
@@ -57,7 +61,13 @@ def _build_meta_model(config_dict: dict) -> torch.nn.Module:
     config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
     architectures = getattr(config, "architectures", None) or []
     model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-    with torch.device("meta"), warnings.catch_warnings():
+    if computed_buffers:
+        from accelerate import init_empty_weights
+
+        empty = init_empty_weights(include_buffers=False)
+    else:
+        empty = torch.device("meta")
+    with empty, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if model_class is not None:
             return model_class(config)
@@ -82,7 +92,7 @@ def _selected(name: str, spec: str | list[str]) -> bool:
 def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOptions) -> ModelLayout:
     """Match the options' target_modules against the model that ``config`` (config.json) describes."""
     try:
-        model = _build_meta_model(config)
+        model = build_meta_model(config)
     except UnsupportedCheckpoint:
         raise
     except Exception as exc:  # transformers raises many kinds for unknown/odd configs
@@ -111,7 +121,7 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
                 continue
         elif not _selected(name, spec):
             continue
-        key = _checkpoint_key(f"{name}.weight", prefix, checkpoint_keys)
+        key = checkpoint_key(f"{name}.weight", prefix, checkpoint_keys)
         if key is None:  # tied or absent from this checkpoint
             continue
         rows, cols = module.weight.shape
@@ -129,9 +139,19 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
     return ModelLayout(architecture, task_type, targets, linear, output_name)
 
 
-def _checkpoint_key(param: str, prefix: str, keys: set[str]) -> str | None:
-    """The checkpoint may or may not carry the base-model prefix (e.g. ``bert.``)."""
+def checkpoint_key(param: str, prefix: str, keys: set[str] | dict[str, object]) -> str | None:
+    """The checkpoint's name for a model parameter: the checkpoint may or may not carry the
+    base-model prefix (e.g. ``bert.``), and old checkpoints (the original BERTs) store
+    LayerNorm parameters as gamma/beta, which transformers renames when it loads them."""
     candidates = [param]
     if prefix:
         candidates += [f"{prefix}.{param}", param.removeprefix(f"{prefix}.")]
+    candidates += [_legacy_name(c) for c in candidates if _legacy_name(c) != c]
     return next((c for c in candidates if c in keys), None)
+
+
+def _legacy_name(key: str) -> str:
+    for new, old in ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta")):
+        if key.endswith(new):
+            return key.removesuffix(new) + old
+    return key
