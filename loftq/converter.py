@@ -6,11 +6,13 @@ and written last, so a directory with a manifest is always a finished checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from loftq.quantizers import get_quantizer
 from loftq.report import LayerReport, ProgressEvent, Report, summarize
 from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_file
 from loftq.plot import PLOT_NAME, write_layer_plot
-from loftq.shard import convert_shard, weight_space_fitter
+from loftq.pipeline import Background, Prefetch
+from loftq.shard import LayerFitter, ShardResult, convert_shard, weight_space_fitter
 from loftq.storage import Destination, Source
 from loftq.targets import ModelLayout, resolve_layout
 
@@ -120,12 +123,18 @@ def convert(
     calibration_data: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    trust_parts: bool = False,
 ) -> Report:
     """Turn ``source`` into a LoftQ checkpoint at ``destination`` and return the report.
 
     ``calibration_data`` (a local .txt/.jsonl file or a directory of them) makes it a
     calibrated conversion (loftq.calibrated): the activation objectives and ``evaluate``
     need it; with ``objective='weight'`` it only adds the output errors and evaluation.
+
+    Shards already finished in the destination's journal (an interrupted run, or
+    :func:`convert_part` calls) are reused after their input is re-hashed; ``trust_parts``
+    skips that re-read, for the merge step of a job whose parts were just written from the
+    same source (a scaled-out service job).
 
     Raises a :class:`loftq.errors.LoftQError` subclass for bad input or cancellation; the
     destination then holds no ``manifest.json``.
@@ -144,7 +153,143 @@ def convert(
             Path(scratch),
             on_progress or (lambda event: None),
             should_stop or (lambda: False),
+            trust_parts,
         )
+
+
+def convert_part(
+    source: Source,
+    destination: Destination,
+    options: ConvertOptions,
+    shards: Sequence[str],
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[LayerReport]:
+    """Convert only ``shards`` into ``destination`` and record them in its journal.
+
+    One part of a conversion spread over several workers: output shard i depends on input
+    shard i alone, so parts run anywhere in any order, and a final :func:`convert` on the
+    same destination (``trust_parts=True``) reuses them and writes the adapters, index,
+    report and manifest. The artifacts are byte-identical to a single run's. Weight-space
+    only: a calibrated conversion streams the whole model block by block, in one process.
+    """
+    if options.objective != "weight" or options.calibration.evaluate:
+        raise InvalidOptions("a calibrated conversion cannot be split into parts: it runs the model block by block in one process")
+    checkpoint, _, layout = plan(source, options)
+    unknown = sorted(set(shards) - set(checkpoint.shards))
+    if unknown:
+        raise InvalidOptions(f"not shards of this checkpoint: {unknown[:3]}")
+    device = resolve_device(options.device)
+    backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
+    destination.remove(MANIFEST_NAME)
+    emit = on_progress or (lambda event: None)
+    layers: list[LayerReport] = []
+    total = sum(1 for t in layout.targets.values() if _shard_of(checkpoint, t.key) in shards)
+    journal = Journal(destination, options.model_dump_json(exclude={"device"}))
+    shard_loop = _ShardLoop(source, destination, journal, layout, backbone)
+
+    def progress(stage: str, **fields: object) -> None:
+        emit(ProgressEvent(stage, len(layers), total, shard_loop.done, len(shards), **fields))
+
+    shard_loop.run(list(shards), weight_space_fitter(backbone, device), layers, should_stop or (lambda: False), progress)
+    return layers
+
+
+def _shard_of(checkpoint: SourceCheckpoint, key: str) -> str:
+    if checkpoint.index is None:
+        return checkpoint.shards[0]
+    return checkpoint.index["weight_map"][key]
+
+
+@dataclass
+class _OpenedShard:
+    name: str
+    path: Path | None  # None: reused from the journal without opening the input
+    record: dict | None  # the journal's record when the shard is finished already
+    bytes_read: int
+    stack: contextlib.ExitStack  # keeps a downloaded input alive until it is converted
+
+
+class _ShardLoop:
+    """Converts shards in order while the next shard is opened (downloaded, or checked
+    against the journal) and the previous one is published (uploaded) on other threads."""
+
+    def __init__(self, source: Source, destination: Destination, journal: Journal, layout: ModelLayout, backbone: Backbone) -> None:
+        self.source, self.destination, self.journal = source, destination, journal
+        self.layout, self.backbone = layout, backbone
+        self.outputs = _Outputs(destination)
+        self.shard_tensors: dict[str, dict[str, int]] = {}
+        self.done = 0
+        self.resumed = 0
+
+    def _open(self, shards: list[str], trust: bool) -> Iterator[_OpenedShard]:
+        for shard in shards:
+            record = self.journal.finished(shard, None) if trust else None
+            if record is not None:
+                yield _OpenedShard(shard, None, record, 0, contextlib.ExitStack())
+                continue
+            stack = contextlib.ExitStack()
+            try:
+                path = stack.enter_context(self.source.open_local(shard))
+                record = self.journal.finished(shard, lambda: sha256_file(path))
+            except BaseException:
+                stack.close()
+                raise
+            yield _OpenedShard(shard, path, record, path.stat().st_size, stack)
+
+    def run(
+        self,
+        shards: list[str],
+        fitter: LayerFitter,
+        layers: list[LayerReport],
+        stop: Callable[[], bool],
+        progress: Callable[..., None],
+        *,
+        trust: bool = False,
+        layer_events: bool = True,
+    ) -> None:
+        """``progress(stage, **fields)`` is called per layer (``layer_events``) and per shard;
+        ``self.done`` counts the finished shards (their upload may still be running)."""
+        opened = Prefetch(self._open(shards, trust), depth=1, name="open shards", discard=lambda item: item.stack.close())
+        with opened, Background(depth=1, name="publish shards") as publisher:
+            for item in opened:
+                with item.stack:
+                    record = item.record
+                    if record is None:
+                        assert item.path is not None
+
+                        def on_layer(layer: LayerReport, shard: str = item.name) -> None:
+                            layers.append(layer)
+                            if layer_events:
+                                progress("layer", layer=layer, shard=shard)
+
+                        result = convert_shard(
+                            item.path,
+                            self.destination.staging_path(item.name),
+                            item.name,
+                            self.layout,
+                            self.backbone,
+                            fitter,
+                            on_layer=on_layer,
+                            should_stop=stop,
+                        )
+                self.done += 1
+                if record is not None:
+                    layers.extend(record["layers"])
+                    self.shard_tensors[item.name] = record["tensors"]
+                    self.outputs.add(item.name, record["size"], record["sha256"])
+                    self.resumed += 1
+                    progress("shard", shard=item.name, skipped=True, bytes_read=item.bytes_read, bytes_written=record["size"])
+                    continue
+                self.shard_tensors[item.name] = result.tensors
+                publisher.submit(lambda shard=item.name, result=result: self._publish(shard, result))
+                progress("shard", shard=item.name, bytes_read=item.bytes_read, bytes_written=result.size)
+            publisher.join()
+
+    def _publish(self, shard: str, result: ShardResult) -> None:
+        self.outputs.publish(shard, result.sha256)
+        self.journal.record(shard, result.source_sha256, result.sha256, result.size, result.tensors, result.layers, result.adapters)
 
 
 def _convert(
@@ -155,6 +300,7 @@ def _convert(
     scratch: Path,
     emit: ProgressCallback,
     stop: Callable[[], bool],
+    trust_parts: bool,
 ) -> Report:
     started = time.perf_counter()
     device = resolve_device(options.device)
@@ -174,13 +320,13 @@ def _convert(
 
     total = len(layout.targets)
     layers: list[LayerReport] = []
-    resumed = 0
     shards_total = len(checkpoint.shards)
+    shard_loop: _ShardLoop | None = None
 
-    def progress(stage: str, shards_done: int, **fields: object) -> None:
-        emit(ProgressEvent(stage, len(layers), total, shards_done, shards_total, **fields))
+    def progress(stage: str, **fields: object) -> None:
+        emit(ProgressEvent(stage, len(layers), total, 0 if shard_loop is None else shard_loop.done, shards_total, **fields))
 
-    progress("start", 0)
+    progress("start")
     binding = options.model_dump_json(exclude={"device"})
     calibration: CalibrationResult | None = None
     if calibrated is not None:
@@ -204,7 +350,8 @@ def _convert(
         fitter = weight_space_fitter(backbone, device)
 
     journal = Journal(destination, binding)
-    outputs = _Outputs(destination)
+    shard_loop = _ShardLoop(source, destination, journal, layout, backbone)
+    outputs = shard_loop.outputs
     destination.remove(MANIFEST_NAME)
     for name in checkpoint.aux_files:
         if name == "config.json":
@@ -214,43 +361,12 @@ def _convert(
             destination.staging_path(name).write_bytes((aux_dir / name).read_bytes())
         outputs.publish(name)
 
-    shard_tensors: dict[str, dict[str, int]] = {}  # for the index, without reading shards back
-    for done, shard in enumerate(checkpoint.shards):
+    # calibrated layers were reported while they were fitted
+    shard_loop.run(checkpoint.shards, fitter, layers, stop, progress, trust=trust_parts, layer_events=calibrated is None)
 
-        def on_layer(layer: LayerReport) -> None:
-            layers.append(layer)
-            if calibrated is None:  # calibrated layers were reported while they were fitted
-                progress("layer", done, layer=layer, shard=shard)
-
-        with source.open_local(shard) as in_path:
-            bytes_read = in_path.stat().st_size
-            record = journal.finished(shard, lambda: sha256_file(in_path))
-            if record is None:
-                result = convert_shard(
-                    in_path,
-                    destination.staging_path(shard),
-                    shard,
-                    layout,
-                    backbone,
-                    fitter,
-                    on_layer=on_layer,
-                    should_stop=stop,
-                )
-        if record is not None:
-            layers.extend(record["layers"])
-            shard_tensors[shard] = record["tensors"]
-            outputs.add(shard, record["size"], record["sha256"])
-            resumed += 1
-            progress("shard", done + 1, shard=shard, skipped=True, bytes_read=bytes_read, bytes_written=record["size"])
-            continue
-        outputs.publish(shard, result.sha256)
-        shard_tensors[shard] = result.tensors
-        journal.record(shard, result.source_sha256, result.sha256, result.size, result.tensors, result.layers, result.adapters)
-        progress("shard", done + 1, shard=shard, bytes_read=bytes_read, bytes_written=result.size)
-
-    progress("finalize", shards_total)
+    progress("finalize")
     if checkpoint.index is not None:
-        outputs.write_json(INDEX_NAME, _output_index(checkpoint, shard_tensors))
+        outputs.write_json(INDEX_NAME, _output_index(checkpoint, shard_loop.shard_tensors))
     _write_adapters(journal, layers, options.rank, outputs)
     outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
 
@@ -269,7 +385,7 @@ def _convert(
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             peak_device_mb=peak_device,
             shards=shards_total,
-            shards_resumed=resumed,
+            shards_resumed=shard_loop.resumed,
             evaluation=None if calibration is None else calibration.evaluation,
         ),
         layers=layers,
@@ -286,7 +402,7 @@ def _convert(
     destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     destination.publish(MANIFEST_NAME)
     journal.clear()
-    progress("done", shards_total)
+    progress("done")
     return report
 
 

@@ -42,10 +42,11 @@ class Journal:
     def adapters_name(shard: str) -> str:
         return f"{JOURNAL_DIR}/{shard}.adapters.safetensors"
 
-    def finished(self, shard: str, source_sha256: Callable[[], str]) -> dict | None:
+    def finished(self, shard: str, source_sha256: Callable[[], str] | None) -> dict | None:
         """The shard's record if it was done with these options from this input and is intact.
 
-        ``source_sha256`` is called only when everything else matches: it reads the input."""
+        ``source_sha256`` is called only when everything else matches: it reads the input.
+        None trusts the recorded input (the caller knows the parts come from this source)."""
         text = self.destination.read_text(self.record_name(shard))
         if text is None:
             return None
@@ -59,7 +60,7 @@ class Journal:
             return None
         if self.destination.sha256(self.adapters_name(shard)) is None:
             return None
-        if record.get("source_sha256") != source_sha256():
+        if source_sha256 is not None and record.get("source_sha256") != source_sha256():
             return None
         record["layers"] = [LayerReport.from_dict(layer) for layer in record["layers"]]
         return record

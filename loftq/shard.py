@@ -1,7 +1,7 @@
 """Convert one safetensors shard: stream tensors in, fit each target, stream tensors out.
 
-Only one tensor (plus its fit) is in memory at a time; non-target tensors are copied as raw
-bytes, so they are byte-identical to the source.
+A few tensors are in memory at a time (the one being fitted, one read ahead, one being
+written); non-target tensors are copied as raw bytes, so they are byte-identical to the source.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from loftq.backbone import Backbone
 from loftq.errors import Cancelled, CorruptCheckpoint, UnsupportedCheckpoint
 from loftq.report import LayerReport
 from loftq.memory import release_freed_memory
+from loftq.pipeline import Background, Prefetch
 from loftq.safetensors_io import (
     DTYPES,
     SafetensorsHeader,
@@ -137,34 +138,48 @@ def convert_shard(
     on_layer: Callable[[LayerReport], None],
     should_stop: Callable[[], bool],
 ) -> ShardResult:
+    """Three stages overlap (loftq.pipeline): a reader thread loads the next target weight
+    while this thread fits the current one, and a writer thread writes finished tensors and
+    copies the others. The writer works in file order, so it also hashes the input: the
+    header, then every tensor as it passes, which hashes the whole file without a second read
+    (tensors are contiguous and cover the file; read_header checks)."""
     header = read_header(in_path)
-    shard_targets(header, layout)
+    targets = shard_targets(header, layout)
     entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
     layers: list[LayerReport] = []
     adapters: dict[str, torch.Tensor] = {}
-    # Tensors are contiguous and cover the file (read_header checks), so hashing the header
-    # and then every tensor in order hashes the whole input without reading it twice.
     with open(in_path, "rb") as handle:
         source_hash = hashlib.sha256(handle.read(header.data_start))
+
+    def copy(info: TensorInfo) -> None:
+        writer.copy(info.name, _hashed(iter_tensor_bytes(in_path, info), source_hash))
+
+    def write(source: torch.Tensor, stored: list[tuple[str, torch.Tensor]]) -> None:
+        source_hash.update(tensor_bytes(source))
+        for name, tensor in stored:
+            writer.write(name, tensor)
+
+    reads = ((target, read_tensor(in_path, header.tensors[target.key])) for target in targets)
     with ShardWriter(out_path, entries, header.metadata) as writer:
-        for info in header.tensors.values():
-            target = layout.targets.get(info.name)
-            if target is None:  # copied as raw bytes, a piece at a time
-                writer.copy(info.name, _hashed(iter_tensor_bytes(in_path, info), source_hash))
-                continue
-            if should_stop():
-                raise Cancelled("conversion cancelled")
-            tensor = read_tensor(in_path, info)
-            source_hash.update(tensor_bytes(tensor))
-            fitted = fitter(info, target, tensor, shard)
-            for name, stored in fitted.stored:
-                writer.write(name, stored)
-            key_a, key_b = lora_keys(target.module)
-            adapters[key_a], adapters[key_b] = fitted.lora_a, fitted.lora_b
-            layers.append(fitted.report)
-            on_layer(fitted.report)
-            del tensor, fitted
-            release_freed_memory()
+        with Prefetch(reads, depth=1, name=f"read {shard}") as ahead, Background(depth=1, name=f"write {shard}") as behind:
+            loaded = iter(ahead)
+            for info in header.tensors.values():
+                target = layout.targets.get(info.name)
+                if target is None:  # copied as raw bytes, a piece at a time
+                    behind.submit(lambda info=info: copy(info))
+                    continue
+                if should_stop():
+                    raise Cancelled("conversion cancelled")
+                _, tensor = next(loaded)
+                fitted = fitter(info, target, tensor, shard)
+                behind.submit(lambda tensor=tensor, stored=fitted.stored: write(tensor, stored))
+                key_a, key_b = lora_keys(target.module)
+                adapters[key_a], adapters[key_b] = fitted.lora_a, fitted.lora_b
+                layers.append(fitted.report)
+                on_layer(fitted.report)
+                del tensor, fitted
+                release_freed_memory()
+            behind.join()
         sha256 = writer.close()
     return ShardResult(
         source_sha256=source_hash.hexdigest(),

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loftq.converter import convert, convert_directory, plan
+from loftq.converter import convert, convert_directory, convert_part, plan
 from loftq.errors import (
     Cancelled,
     CorruptCheckpoint,
@@ -644,3 +644,45 @@ def test_calibrated_objectives_are_refused_until_calibration_data_can_be_given(t
     with pytest.raises(InvalidOptions, match="calibration"):
         convert_directory(tiny_bert, tmp_path, ConvertOptions(rank=4, objective="activation"))
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_parts_then_merge_equal_a_single_run(converted, tmp_path: Path) -> None:
+    """Shards converted in separate parts (any order) and merged: byte-identical artifacts."""
+    src, reference, _, _ = converted("llama")
+    shards = _weight_files(src)
+    assert len(shards) >= 2
+    out = tmp_path / "out"
+    layers = []
+    for part in (shards[1::2], shards[0::2]):  # out of order, as workers may finish
+        layers += convert_part(LocalSource(src), LocalDestination(out), _options(), part)
+    assert len(layers) == len(EXPECTED_TARGETS["llama"])
+    assert not (out / "manifest.json").exists()  # parts alone never look complete
+
+    events: list = []
+    report = convert(LocalSource(src), LocalDestination(out), _options(), trust_parts=True, on_progress=events.append)
+    assert report.summary.shards_resumed == len(shards)
+    assert not [e for e in events if e.stage == "layer"]  # the merge fitted nothing
+    assert _files(out) == _files(reference)
+    for name in _files(reference):
+        if name == "loftq_report.json":
+            assert _comparable_report(out / name) == _comparable_report(reference / name)
+        elif name not in ("loftq_layers.png", "manifest.json"):  # these hash the report's timings
+            assert _sha256(out / name) == _sha256(reference / name), name
+
+
+def test_merge_converts_a_part_that_is_missing(converted, tmp_path: Path) -> None:
+    src, reference, _, _ = converted("llama")
+    shards = _weight_files(src)
+    out = tmp_path / "out"
+    convert_part(LocalSource(src), LocalDestination(out), _options(), shards[:1])
+    report = convert(LocalSource(src), LocalDestination(out), _options(), trust_parts=True)
+    assert report.summary.shards_resumed == 1
+    for name in [*shards, ADAPTER_WEIGHTS]:
+        assert _sha256(out / name) == _sha256(reference / name), name
+
+
+def test_part_refuses_calibrated_options_and_unknown_shards(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptions, match="cannot be split"):
+        convert_part(LocalSource(tiny_llama), LocalDestination(tmp_path), _options(objective="activation"), ["x"])
+    with pytest.raises(InvalidOptions, match="not shards of this checkpoint"):
+        convert_part(LocalSource(tiny_llama), LocalDestination(tmp_path), _options(), ["model-99.safetensors"])
