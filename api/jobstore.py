@@ -11,6 +11,11 @@ Layout (``p`` = prefix):
 * ``p idx:all``, ``p idx:state:{state}``, ``p idx:tenant:{tenant}``,
   ``p idx:tenant:{tenant}:state:{state}``: sorted sets of job ids, all scores 0, so members sort
   by id; ids are time-sortable, so a reverse lex range is "newest first" and an id is a cursor.
+* ``p parts:{id}`` (distributed jobs) hash: part number → JSON list of the weight shards it
+  converts; ``p parts:{id}:done`` hash: part number → JSON of who finished it (Celery worker
+  name, lease owner, seconds); ``p parts:{id}:attempts`` hash: deliveries per part (and of
+  the merge, field ``merge``). Part leases are ``p lease:{id}:part:{n}``. Finishing a part
+  and "was it the last one?" is one script, so exactly one worker sends the merge.
 * ``p idx:expires``: finished jobs (member ``"{id} {tenant}"``, score = unix time their keys
   expire) so index entries can be pruned once the records expire.
 
@@ -75,6 +80,53 @@ end
 return -1
 """
 
+# Distributed jobs. KEYS[1] job, KEYS[2] parts; ARGV[1] ttl, then part number, shards JSON, ...
+# Records the part set once (a redelivered RUN_JOB gets the first plan back).
+_INIT_PARTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return redis.call('HGETALL', KEYS[2])
+"""
+# KEYS[1] parts, KEYS[2] done; ARGV: part, record, ttl. -1 unknown part, 0 finished before,
+# 1 finished now, 2 finished now and it was the last one (exactly one caller sees 2).
+_FINISH_PART = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('HLEN', KEYS[2]) == redis.call('HLEN', KEYS[1]) then return 2 end
+return 1
+"""
+_HINCR_TTL = """
+local count = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return count
+"""
+# KEYS[1] job; ARGV[1] seconds since the job started, then field, increment, ... Counters of
+# parts running at once add up in one step; done counts never pass their totals.
+_ADD_PROGRESS = """
+local raw = redis.call('HGET', KEYS[1], 'progress')
+if not raw then return false end
+local p = cjson.decode(raw)
+for i = 2, #ARGV, 2 do
+  p[ARGV[i]] = (tonumber(p[ARGV[i]]) or 0) + tonumber(ARGV[i + 1])
+end
+local totals = {layers_done = 'layers_total', shards_done = 'shards_total'}
+for done, total in pairs(totals) do
+  local t = tonumber(p[total]) or 0
+  if t > 0 and (tonumber(p[done]) or 0) > t then p[done] = t end
+end
+p['stage'] = 'converting'
+local done, total, elapsed = tonumber(p['layers_done']) or 0, tonumber(p['layers_total']) or 0, tonumber(ARGV[1])
+if done > 0 then p['eta_seconds'] = elapsed / done * (total - done) else p['eta_seconds'] = cjson.null end
+raw = cjson.encode(p)
+redis.call('HSET', KEYS[1], 'progress', raw)
+return raw
+"""
+MERGE = "merge"  # the attempts field of a distributed job's merge
+
 _id_lock = threading.Lock()
 _last_id: tuple[int, int] = (0, 0)
 
@@ -115,6 +167,10 @@ class JobStore:
         self._release = client.register_script(_RELEASE)
         self._hset_if_exists = client.register_script(_HSET_IF_EXISTS)
         self._hincr_if_exists = client.register_script(_HINCR_IF_EXISTS)
+        self._init_parts = client.register_script(_INIT_PARTS)
+        self._finish_part = client.register_script(_FINISH_PART)
+        self._hincr_ttl = client.register_script(_HINCR_TTL)
+        self._add_progress = client.register_script(_ADD_PROGRESS)
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> JobStore:
@@ -135,6 +191,11 @@ class JobStore:
 
     def _lease_key(self, job_id: str) -> str:
         return f"{self.prefix}lease:{job_id}"
+
+    def _parts_keys(self, job_id: str) -> tuple[str, str, str]:
+        """The part set, the finished parts and the attempts per part of a distributed job."""
+        key = f"{self.prefix}parts:{job_id}"
+        return key, f"{key}:done", f"{key}:attempts"
 
     def _index_key(self, state: JobState | None = None, tenant: str | None = None) -> str:
         key = f"{self.prefix}idx"
@@ -311,8 +372,8 @@ class JobStore:
             pipe.zadd(self._index_key(state=job.state, tenant=tenant), {job_id: 0})
         pipe.xadd(self._events_key(job_id), self._state_event(job, error), maxlen=EVENTS_MAXLEN, approximate=True)
         if job.state.finished:
-            pipe.expire(self._job_key(job_id), self.retention_seconds)
-            pipe.expire(self._events_key(job_id), self.retention_seconds)
+            for key in (self._job_key(job_id), self._events_key(job_id), *self._parts_keys(job_id)):
+                pipe.expire(key, self.retention_seconds)
             pipe.zadd(self._expires_key, {f"{job_id} {tenant}": time.time() + self.retention_seconds})
 
     @staticmethod
@@ -378,6 +439,66 @@ class JobStore:
         if count < 0:
             raise JobNotFound(f"job {job_id} not found")
         return count
+
+    # -- parts of distributed jobs ------------------------------------------------------------
+
+    def init_parts(self, job_id: str, parts: builtins.list[builtins.list[str]]) -> dict[int, builtins.list[str]]:
+        """Record the job's parts (part number → shards) unless they were recorded before, and
+        return what is recorded: a redelivered planning step keeps the first plan."""
+        if not parts:
+            raise ValueError("a distributed job needs at least one part")
+        args: builtins.list = [self.retention_seconds]
+        for number, shards in enumerate(parts):
+            args += [number, json.dumps(shards)]
+        reply = self._init_parts(keys=[self._job_key(job_id), self._parts_keys(job_id)[0]], args=args)
+        if reply is None:
+            raise JobNotFound(f"job {job_id} not found")
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])  # RESP3 / RESP2
+        return self._numbered(dict(pairs))
+
+    @staticmethod
+    def _numbered(raw: dict[str, str]) -> dict:
+        return {int(number): json.loads(value) for number, value in sorted(raw.items(), key=lambda p: int(p[0]))}
+
+    def parts(self, job_id: str) -> dict[int, builtins.list[str]]:
+        """Part number → shards; {} for a job that was never split."""
+        return self._numbered(self.client.hgetall(self._parts_keys(job_id)[0]))
+
+    def parts_done(self, job_id: str) -> dict[int, dict]:
+        """Finished part number → what ``finish_part`` recorded about it."""
+        return self._numbered(self.client.hgetall(self._parts_keys(job_id)[1]))
+
+    def finish_part(self, job_id: str, part: int, record: dict) -> bool:
+        """Mark ``part`` finished (the first call wins; ``record`` says who did it). True for
+        exactly one call per job: the one that finished the last part, which sends the merge."""
+        parts_key, done_key, _ = self._parts_keys(job_id)
+        result = int(self._finish_part(keys=[parts_key, done_key], args=[part, json.dumps(record), self.retention_seconds]))
+        if result < 0:
+            raise JobNotFound(f"job {job_id} has no part {part}")
+        return result == 2
+
+    def increment_part_attempts(self, job_id: str, part: int | str) -> int:
+        """Deliveries of one part (or of the merge, ``part=MERGE``) so far, this one included."""
+        return int(self._hincr_ttl(keys=[self._parts_keys(job_id)[2]], args=[part, self.retention_seconds]))
+
+    def add_progress(self, job_id: str, *, elapsed: float, **increments: int) -> Progress:
+        """Add to the job's progress counters (``layers_done=1``, ``bytes_read=n``, ...) in one
+        atomic step, so parts running at once never overwrite each other's counts; the stage
+        becomes "converting" and the ETA is recomputed from ``elapsed`` (seconds since start)."""
+        args: builtins.list = [elapsed]
+        for field, value in increments.items():
+            if field not in Progress.model_fields:
+                raise ValueError(f"not a progress field: {field}")
+            args += [field, int(value)]
+        raw = self._add_progress(keys=[self._job_key(job_id)], args=args)
+        if raw is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return Progress.model_validate_json(raw)
+
+    @staticmethod
+    def part_lease_id(job_id: str, part: int) -> str:
+        """What the lease methods take for one part's lease (key ``lease:{job}:part:{n}``)."""
+        return f"{job_id}:part:{part}"
 
     # -- events -------------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """Handing jobs to the workers: one Celery message per job, sent by task name so the API
-never imports the worker's code (or torch)."""
+never imports the worker's code (or torch).
+
+A distributed job (``JobCreate.distributed``) sends more messages, all from the workers and
+on the same queue: ``RUN_JOB`` plans the parts and sends one ``RUN_PART`` per part; the
+worker that finishes the last part sends ``MERGE_JOB`` (docs/adr/0005-scale-out.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import redis
 from celery import Celery
 
 RUN_JOB = "loftq.run_job"
+RUN_PART = "loftq.run_part"  # args: job id, part number
+MERGE_JOB = "loftq.merge_job"  # args: job id
 
 
 class JobQueue:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from loftq.options import ConvertOptions
 
@@ -61,12 +61,40 @@ class JobCreate(BaseModel):
         examples=["s3://datasets/wikitext-2/train.txt", "s3://datasets/calibration/"],
     )
     metadata: dict[str, str] = Field(default_factory=dict, description="Small string map kept with the job.")
+    distributed: bool = Field(
+        False,
+        description=(
+            "Spread the conversion over several workers: one task per part (shards_per_part consecutive weight "
+            "shards), then a merge that writes the adapters, index, report and manifest. The artifacts are "
+            "byte-identical to a single-worker job's (loftq_report.json, loftq_layers.png and manifest.json hold "
+            "timings). Weight-space jobs only: not with calibration_data, options.objective other than 'weight' or "
+            "options.calibration.evaluate (a calibrated conversion runs the model block by block in one process)."
+        ),
+    )
+    shards_per_part: int = Field(
+        1, ge=1, le=1024, description="With distributed: consecutive weight shards converted by one part task."
+    )
 
     @field_validator("output")
     @classmethod
     def _not_reserved(cls, value: str | None) -> str | None:
         if value is not None and (value.rstrip("/") == "jobs" or value.startswith("jobs/")):
             raise ValueError("the jobs/ prefix is reserved for jobs without an output prefix")
+        return value
+
+    @field_validator("distributed")
+    @classmethod
+    def _weight_space_only(cls, value: bool, info: ValidationInfo) -> bool:
+        """Refused at POST (422) instead of a job failing later: parts cannot share a calibration pass."""
+        if not value:
+            return value
+        options, calibration_data = info.data.get("options"), info.data.get("calibration_data")
+        if calibration_data is not None:
+            raise ValueError("a distributed job cannot use calibration_data (calibrated conversions run in one process)")
+        if options is not None and options.objective != "weight":
+            raise ValueError(f"a distributed job needs options.objective='weight', not {options.objective!r}")
+        if options is not None and options.calibration.evaluate:
+            raise ValueError("a distributed job cannot use options.calibration.evaluate")
         return value
 
     @field_validator("metadata")

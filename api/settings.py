@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, ge=5, description="A worker renews its job lease this often × 3.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost.")
     device: str = Field("auto", description="Worker compute device: auto, cpu, cuda, cuda:N.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "CPU threads torch may use in one worker process (torch.set_num_threads); unset keeps torch's default "
+            "(the machine's cores). Set it when several CPU workers share a machine, e.g. 1 per worker per core."
+        ),
+    )
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
 
 

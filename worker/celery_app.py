@@ -11,7 +11,7 @@ from celery import Celery
 
 from api.settings import get_settings
 
-from api.queue import RUN_JOB  # noqa: F401 - the task name the API sends
+from api.queue import MERGE_JOB, RUN_JOB, RUN_PART  # noqa: F401 - the task names (the API sends RUN_JOB)
 
 settings = get_settings()
 celery_app = Celery("loftq", broker=settings.redis_url, include=["worker.tasks"])

@@ -1,7 +1,9 @@
 """Run one job: lease, stream the source through the engine, publish artifacts, record the end.
 
 Kept apart from the Celery task so the whole life of a job can be read in one place and
-tested without a broker.
+tested without a broker. A distributed job passes through here twice: first to plan and send
+its parts (worker/distributed.py), then, once every part is done, as the merge
+(``run(job_id, merge=True)``), which converts like a normal job but reuses the parts' shards.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from api.errors import InvalidTransition, ServiceError
-from api.jobstore import JobStore
+from api.jobstore import MERGE, JobStore
 from api.schemas import CalibrationSummary, ErrorInfo, EvaluationSummary, Job, JobState, JobSummary, Progress
 from api.settings import Settings
 from api.storage import ObjectStore, store_from_settings
@@ -62,16 +66,33 @@ class LeaseKeeper(threading.Thread):
                 return
 
 
+Enqueue = Callable[..., None]  # enqueue(task name, *args): send a Celery message on the job queue
+
+
+def apply_torch_threads(settings: Settings) -> None:
+    """``LOFTQ_TORCH_THREADS``: CPU workers sharing a machine each get their share of its cores."""
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
 class JobRunner:
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    def __init__(
+        self, store: JobStore, settings: Settings, *, worker: str | None = None, enqueue: Enqueue | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker = worker or socket.gethostname()  # the Celery node name, recorded per part
+        self.enqueue = enqueue
         self.keeper: LeaseKeeper | None = None
 
-    def run(self, job_id: str) -> bool:
+    def run(self, job_id: str, *, merge: bool = False) -> bool:
         """Run the job unless it has ended. False: another worker holds its lease (a live
-        duplicate delivery, or a dead worker whose lease has not expired yet): try later."""
+        duplicate delivery, or a dead worker whose lease has not expired yet): try later.
+
+        ``merge``: the last step of a distributed job, after all its parts are done."""
         if self.store.get(job_id).state.finished:
             return True  # a redelivered message for a job that already ended
         ttl = self.settings.lease_seconds
@@ -81,56 +102,88 @@ class JobRunner:
         keeper = self.keeper = LeaseKeeper(self.store, job_id, self.owner, ttl)
         keeper.start()
         try:
-            self._run_leased(self.store.get(job_id))
+            self._run_leased(self.store.get(job_id), merge=merge)
         finally:
             keeper.stopped.set()
             self.store.release_lease(job_id, self.owner)
         return True
 
-    def _run_leased(self, job: Job) -> None:
+    def _run_leased(self, job: Job, *, merge: bool = False) -> None:
         artifacts = store_from_settings(self.settings)
         for leftover in self._work_dir().glob(f"{job.id}-*"):  # scratch of an attempt that was killed
             shutil.rmtree(leftover, ignore_errors=True)
         if job.state.finished:
             return
         if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
-            self._cancel(job, artifacts)
+            self.cancel(job, artifacts)
             return
         try:
-            attempts = self.store.increment_attempts(job.id)
+            # The merge counts its own deliveries: the planning step's are the job's.
+            attempts = self.store.increment_part_attempts(job.id, MERGE) if merge else self.store.increment_attempts(job.id)
             if attempts > self.settings.max_attempts:
-                message = f"the job was delivered {attempts} times; its workers kept dying"
-                self._end(job.id, JobState.failed, ErrorInfo(code="worker_lost", message=message))
+                self.worker_lost(job.id, attempts)
                 return
             if job.state is JobState.queued:
-                self.store.transition(job.id, JobState.running)
+                job = self.store.transition(job.id, JobState.running)
             scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir()))
             try:
-                report = self._convert(job, scratch, artifacts)
+                if job.request.distributed and not merge:
+                    from worker.distributed import send_parts
+
+                    send_parts(self, job, scratch)
+                    return
+                report = self._convert(job, scratch, artifacts, trust_parts=merge)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             summary = job_summary(report)
+            if merge:  # the report times the merge alone; the job ran from its start
+                summary.seconds = (datetime.now(timezone.utc) - (job.started_at or job.created_at)).total_seconds()
             self.store.update_progress(job.id, self._progress(job.id, stage="done"))
-            self.store.observe_duration("job", report.summary.seconds)
+            self.store.observe_duration("job", summary.seconds)
             self._end(job.id, JobState.succeeded, summary=summary)
         except LeaseLost as exc:
             log.warning("%s; stopping without recording an end", exc)
         except Exception as exc:  # every failure must end the job with a reason
-            self._fail(job, exc, artifacts)
+            self.fail(job, exc, artifacts)
+
+    def worker_lost(self, job_id: str, attempts: int) -> None:
+        message = f"the job was delivered {attempts} times; its workers kept dying"
+        self._end(job_id, JobState.failed, ErrorInfo(code="worker_lost", message=message))
 
     def _work_dir(self) -> Path:
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         return self.settings.work_dir
 
-    def _convert(self, job: Job, scratch: Path, artifacts: ObjectStore):  # -> loftq.report.Report
+    def options(self, job: Job):  # -> loftq.options.ConvertOptions
+        """The job's engine options on this worker's device."""
+        options = job.request.options
+        if options.device == "auto" and self.settings.device != "auto":
+            options = options.model_copy(update={"device": self.settings.device})
+        return options
+
+    def should_stop(self, job_id: str, keeper: LeaseKeeper | None, *, job_ended: bool = False) -> Callable[[], bool]:
+        """The engine's check between layers: raises LeaseLost once another worker owns the
+        work; True once cancellation was asked, or (``job_ended``, for parts) once the job
+        ended elsewhere, e.g. another part failed it."""
+        stop = False
+
+        def check() -> bool:
+            nonlocal stop
+            if keeper is not None and keeper.lost.is_set():
+                raise LeaseLost(f"job {job_id} is leased by another worker now")
+            stop = stop or self.store.cancel_requested(job_id) or (job_ended and self.store.get(job_id).state.finished)
+            return stop
+
+        return check
+
+    def _convert(self, job: Job, scratch: Path, artifacts: ObjectStore, *, trust_parts: bool = False):  # -> loftq.report.Report
         # The engine (and torch) are imported here, in the worker's child process only.
         from loftq.converter import convert
 
         from worker.sources import ObjectStoreDestination, fetch_calibration_data, open_source
 
-        options = job.request.options
-        if options.device == "auto" and self.settings.device != "auto":
-            options = options.model_copy(update={"device": self.settings.device})
+        apply_torch_threads(self.settings)
+        options = self.options(job)
         calibration_data = None
         if job.request.calibration_data is not None:
             self.store.update_progress(job.id, self._progress(job.id, stage="downloading"))
@@ -138,16 +191,11 @@ class JobRunner:
         source = open_source(job.request.source, self.settings, scratch / "source")
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started = time.monotonic()
-        cancelled = False
-        read = written = 0
+        # A merge starts from what the parts counted: its engine run re-counts the reused
+        # shards' layers from 0 and reads and writes little itself.
+        floor = self.store.get(job.id).progress if trust_parts else Progress()
+        read, written = floor.bytes_read, floor.bytes_written
         blocks_done = blocks_total = 0
-
-        def should_stop() -> bool:
-            nonlocal cancelled
-            if self.keeper is not None and self.keeper.lost.is_set():
-                raise LeaseLost(f"job {job.id} is leased by another worker now")
-            cancelled = cancelled or self.store.cancel_requested(job.id)
-            return cancelled
 
         def on_progress(event) -> None:  # loftq.report.ProgressEvent
             nonlocal read, written, blocks_done, blocks_total
@@ -159,7 +207,7 @@ class JobRunner:
                 self.store.observe_duration("layer", event.layer.seconds)
                 self.store.add_event(job.id, "layer", layer_event(event))
             elapsed = time.monotonic() - started
-            done, total = event.layers_done, event.layers_total
+            done, total = max(event.layers_done, floor.layers_done), event.layers_total
             eta = elapsed / done * (total - done) if done else None
             self.store.update_progress(
                 job.id,
@@ -169,7 +217,7 @@ class JobRunner:
                     layers_total=total,
                     blocks_done=blocks_done,
                     blocks_total=blocks_total,
-                    shards_done=event.shards_done,
+                    shards_done=max(event.shards_done, floor.shards_done),
                     shards_total=event.shards_total,
                     bytes_read=read,
                     bytes_written=written,
@@ -178,13 +226,19 @@ class JobRunner:
             )
 
         return convert(
-            source, destination, options, calibration_data=calibration_data, on_progress=on_progress, should_stop=should_stop
+            source,
+            destination,
+            options,
+            calibration_data=calibration_data,
+            on_progress=on_progress,
+            should_stop=self.should_stop(job.id, self.keeper),
+            trust_parts=trust_parts,
         )
 
     def _progress(self, job_id: str, *, stage: str) -> Progress:
         return self.store.get(job_id).progress.model_copy(update={"stage": stage, "eta_seconds": None})
 
-    def _cancel(self, job: Job, artifacts: ObjectStore) -> None:
+    def cancel(self, job: Job, artifacts: ObjectStore) -> None:
         """Partial artifacts are removed: a cancelled job leaves nothing that looks usable."""
         try:
             artifacts.delete_prefix(job.output)
@@ -192,12 +246,13 @@ class JobRunner:
             log.exception("could not remove the partial artifacts of cancelled job %s", job.id)
         self._end(job.id, JobState.cancelled)
 
-    def _fail(self, job: Job, exc: Exception, artifacts: ObjectStore) -> None:
+    def fail(self, job: Job, exc: Exception, artifacts: ObjectStore) -> None:
+        """End the job with the error code of ``exc`` (a cancellation ends it cancelled)."""
         from celery.exceptions import SoftTimeLimitExceeded
         from loftq.errors import Cancelled, LoftQError
 
         if isinstance(exc, Cancelled):
-            self._cancel(job, artifacts)
+            self.cancel(job, artifacts)
         elif isinstance(exc, SoftTimeLimitExceeded):
             limit = self.settings.job_timeout_seconds
             self._end(job.id, JobState.failed, ErrorInfo(code="timeout", message=f"the job ran longer than {limit} s"))

@@ -1,28 +1,48 @@
-"""The Celery task: one message per job; the runner does the work."""
+"""The Celery tasks: one message per job, plus one per part and a merge for distributed jobs;
+the runners do the work."""
 
 from __future__ import annotations
 
 from api.jobstore import JobStore
 from api.settings import get_settings
-from worker.celery_app import RUN_JOB, celery_app
+from worker.celery_app import MERGE_JOB, RUN_JOB, RUN_PART, celery_app
+from worker.distributed import PartRunner
 from worker.runner import JobRunner
 
 
 _settings = get_settings()
+# The soft limit raises inside the work (the job fails with code "timeout"); the hard one kills
+# a child that does not return, so a hung download cannot hold a GPU worker forever. A part and
+# the merge each get the job's limits.
+_LIMITS = {"soft_time_limit": _settings.job_timeout_seconds, "time_limit": _settings.job_timeout_seconds + 120}
 
 
-@celery_app.task(
-    name=RUN_JOB,
-    bind=True,
-    # The soft limit raises inside the job (it fails with code "timeout"); the hard one kills a
-    # child that does not return, so a hung download cannot hold a GPU worker forever.
-    soft_time_limit=_settings.job_timeout_seconds,
-    time_limit=_settings.job_timeout_seconds + 120,
-)
-def run_job(self, job_id: str) -> None:
+def _enqueue(name: str, *args: object) -> None:
+    """Send a part or merge message on this worker's queue (acks_late, like every task here)."""
+    celery_app.send_task(name, args=list(args), queue=get_settings().queue)
+
+
+def _runner(task) -> JobRunner:
     settings = get_settings()
     store = JobStore.from_url(settings.redis_url, retention_seconds=settings.job_retention_seconds)
-    if not JobRunner(store, settings).run(job_id):
+    return JobRunner(store, settings, worker=task.request.hostname, enqueue=_enqueue)
+
+
+@celery_app.task(name=RUN_JOB, bind=True, **_LIMITS)
+def run_job(self, job_id: str) -> None:
+    if not _runner(self).run(job_id):
         # Leased elsewhere: a live duplicate (it will finish the job) or a dead worker whose
         # lease will expire. Come back after a lease period instead of dropping the job.
-        raise self.retry(countdown=settings.lease_seconds, max_retries=None)
+        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)
+
+
+@celery_app.task(name=RUN_PART, bind=True, **_LIMITS)
+def run_part(self, job_id: str, part: int) -> None:
+    if not PartRunner(_runner(self)).run(job_id, part):
+        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)
+
+
+@celery_app.task(name=MERGE_JOB, bind=True, **_LIMITS)
+def merge_job(self, job_id: str) -> None:
+    if not _runner(self).run(job_id, merge=True):
+        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)

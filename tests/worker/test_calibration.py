@@ -198,7 +198,7 @@ class FakeEngine:
         self.calls: list[dict] = []
         self.seen_progress: list[dict] = []
 
-    def convert(self, source, destination, options, *, calibration_data=None, on_progress=None, should_stop=None):
+    def convert(self, source, destination, options, *, calibration_data=None, on_progress=None, should_stop=None, trust_parts=False):
         text = None
         if calibration_data is not None:
             path = Path(calibration_data)

@@ -1,0 +1,171 @@
+"""A distributed job: its weight shards converted by part tasks on several workers, then merged.
+
+Output shard i depends on input shard i alone (DESIGN §3), so one job's shards can run on
+different workers: ``send_parts`` (the job's own RUN_JOB delivery, under the job lease) plans
+the parts and sends one RUN_PART message per part; ``PartRunner`` converts one part
+(``loftq.converter.convert_part``) under a lease of its own and records it finished; the
+worker that finishes the last part (one atomic step in the job store decides which) sends
+MERGE_JOB, which is ``JobRunner.run(job_id, merge=True)``: the shards are reused from the
+destination's journal and the adapters, index, report and manifest written. No Celery chord:
+the bookkeeping lives in the job store, so it survives redelivery and needs no result backend.
+The decisions are in docs/adr/0005-scale-out.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from api.jobstore import JobStore
+from api.queue import MERGE_JOB, RUN_PART
+from api.schemas import Job, JobState
+from api.storage import ObjectStore, store_from_settings
+from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event
+
+log = logging.getLogger(__name__)
+
+
+def plan_parts(shards: list[str], shards_per_part: int) -> list[list[str]]:
+    """Consecutive shards, ``shards_per_part`` to a part (the last one may hold fewer)."""
+    return [shards[i : i + shards_per_part] for i in range(0, len(shards), shards_per_part)]
+
+
+def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
+    """Plan the job's parts, record them and send a RUN_PART message for each part not done.
+
+    Planning reads the source's index and config only, and fails the job on the spot for the
+    same reasons a normal job would fail before converting (no such source, rank too large).
+    A redelivery keeps the recorded plan and re-sends what is not finished; a duplicate part
+    message is harmless (part lease, journal), and when every part is done already, the merge
+    is sent again (the worker that finished the last one may have died before sending it)."""
+    from loftq.converter import plan
+
+    from worker.sources import open_source
+
+    store, enqueue = runner.store, _enqueue(runner)
+    source = open_source(job.request.source, runner.settings, scratch / "source")
+    checkpoint, _, layout = plan(source, runner.options(job))
+    parts = store.init_parts(job.id, plan_parts(list(checkpoint.shards), job.request.shards_per_part))
+    progress = store.get(job.id).progress
+    if progress.layers_total == 0:  # not on a redelivery: the parts may have counted already
+        totals = {"stage": "converting", "layers_total": len(layout.targets), "shards_total": len(checkpoint.shards)}
+        store.update_progress(job.id, progress.model_copy(update=totals))
+    done = store.parts_done(job.id)
+    if len(done) == len(parts):
+        enqueue(MERGE_JOB, job.id)
+        return
+    for number in parts:
+        if number not in done:
+            enqueue(RUN_PART, job.id, number)
+    log.info("job %s: sent %d of %d parts", job.id, len(parts) - len(done), len(parts))
+
+
+def _enqueue(runner: JobRunner):
+    if runner.enqueue is None:
+        raise RuntimeError("a distributed job needs a runner that can send tasks")
+    return runner.enqueue
+
+
+class PartRunner:
+    """Runs one part of a distributed job; the job's start, failure and cancellation are
+    handled by the same ``JobRunner`` methods as a normal job's."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+        self.store: JobStore = runner.store
+        self.settings = runner.settings
+
+    def run(self, job_id: str, part: int) -> bool:
+        """False: another worker holds this part's lease; try later (like ``JobRunner.run``)."""
+        if self.store.get(job_id).state.finished:
+            return True
+        lease = JobStore.part_lease_id(job_id, part)
+        ttl = self.settings.lease_seconds
+        if not self.store.acquire_lease(lease, self.runner.owner, ttl):
+            log.info("part %d of job %s is leased by another worker; retrying later", part, job_id)
+            return False
+        keeper = LeaseKeeper(self.store, lease, self.runner.owner, ttl)
+        keeper.start()
+        try:
+            self._run_leased(self.store.get(job_id), part, keeper)
+        finally:
+            keeper.stopped.set()
+            self.store.release_lease(lease, self.runner.owner)
+        return True
+
+    def _run_leased(self, job: Job, part: int, keeper: LeaseKeeper) -> None:
+        artifacts = store_from_settings(self.settings)
+        work = self.runner._work_dir()
+        prefix = f"{job.id}.part{part}-"  # not matched by the job's own f"{job.id}-*" clean-up
+        for leftover in work.glob(f"{prefix}*"):  # scratch of an attempt that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        if job.state.finished:
+            return
+        if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
+            self.runner.cancel(job, artifacts)
+            return
+        try:
+            attempts = self.store.increment_part_attempts(job.id, part)
+            if attempts > self.settings.max_attempts:
+                self.runner.worker_lost(job.id, attempts)
+                return
+            parts, done = self.store.parts(job.id), self.store.parts_done(job.id)
+            if part in done:  # a redelivery: its worker died after finishing, maybe before sending the merge
+                if len(done) == len(parts):
+                    _enqueue(self.runner)(MERGE_JOB, job.id)
+                return
+            started = time.monotonic()
+            scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=work))
+            try:
+                self._convert(job, parts[part], scratch, artifacts, keeper)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            if self.store.cancel_requested(job.id):  # asked while the last shard was published
+                self.runner.cancel(job, artifacts)
+                return
+            record = {"worker": self.runner.worker, "owner": self.runner.owner, "shards": len(parts[part]),
+                      "seconds": round(time.monotonic() - started, 3)}
+            if self.store.finish_part(job.id, part, record):
+                _enqueue(self.runner)(MERGE_JOB, job.id)
+        except LeaseLost as exc:
+            log.warning("%s; stopping without recording an end", exc)
+        except Exception as exc:  # every failure must end the job with a reason
+            if self.store.get(job.id).state.finished:
+                log.info("part %d of job %s stopped: the job has ended (%s)", part, job.id, type(exc).__name__)
+                return
+            self.runner.fail(job, exc, artifacts)
+
+    def _convert(self, job: Job, shards: list[str], scratch: Path, artifacts: ObjectStore, keeper: LeaseKeeper) -> None:
+        from loftq.converter import convert_part
+
+        from worker.sources import ObjectStoreDestination, open_source
+
+        apply_torch_threads(self.settings)
+        source = open_source(job.request.source, self.settings, scratch / "source")
+        destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
+        started_at = job.started_at or job.created_at
+
+        def on_progress(event) -> None:  # loftq.report.ProgressEvent
+            elapsed = (datetime.now(timezone.utc) - started_at).total_seconds()
+            if event.stage == "layer" and event.layer is not None:
+                self.store.observe_duration("layer", event.layer.seconds)
+                progress = self.store.add_progress(job.id, elapsed=elapsed, layers_done=1)
+                data = layer_event(event) | {"index": progress.layers_done, "total": progress.layers_total}
+                self.store.add_event(job.id, "layer", data)
+            elif event.stage == "shard":
+                self.store.add_progress(
+                    job.id, elapsed=elapsed, shards_done=1, bytes_read=event.bytes_read, bytes_written=event.bytes_written
+                )
+
+        convert_part(
+            source,
+            destination,
+            self.runner.options(job),
+            shards,
+            on_progress=on_progress,
+            should_stop=self.runner.should_stop(job.id, keeper, job_ended=True),
+        )
