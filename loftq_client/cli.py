@@ -1,6 +1,7 @@
 """``loftq-jobs``: submit and follow LoftQ conversion jobs on a jobs API server.
 
     loftq-jobs submit s3://models/llama-3-8b/ --rank 16 --target q_proj --target v_proj --wait
+    loftq-jobs submit s3://models/llama-3-8b/ --distributed --wait        # shards over several workers
     loftq-jobs submit s3://models/llama-3-8b/ --calibration-data s3://datasets/calib.txt \
         --objective activation --evaluate --calib-samples 128 --wait
     loftq-jobs status JOB_ID
@@ -168,6 +169,12 @@ def submit(
     propagation: Annotated[
         Optional[str], typer.Option(help="What each block is calibrated on: initialised or full-precision.")
     ] = None,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="Spread the shards over several workers, then merge (not with calibration).")
+    ] = False,
+    shards_per_part: Annotated[
+        Optional[int], typer.Option("--shards-per-part", help="With --distributed: weight shards per worker task (default 1).")
+    ] = None,
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE kept with the job (repeatable).")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option("--idempotency-key", help="Resubmitting with the same key returns the same job.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish, with a progress bar on stderr.")] = False,
@@ -196,6 +203,8 @@ def submit(
             target_modules=targets,
             backbone_format=backbone_format,
             calibration_data=calibration_data,
+            distributed=distributed,
+            shards_per_part=shards_per_part,
             objective=objective,
             calibration={
                 "samples": calib_samples,

@@ -193,6 +193,8 @@ class LoftQClient:
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         calibration_data: str | None = None,
+        distributed: bool = False,
+        shards_per_part: int | None = None,
         **options: Any,
     ) -> Job:
         """Submit a conversion. ``options`` are engine options (quant, bits, rank, lora_alpha, iters,
@@ -200,7 +202,9 @@ class LoftQClient:
         seed, batch_size, propagation, evaluate}, ...); ``None`` values, also inside a dict option,
         are left out so server defaults apply. ``calibration_data`` is a URI of calibration text
         (``s3://bucket/key.txt``, ``s3://bucket/prefix/`` or ``file:///path``), needed when
-        ``objective`` is not "weight" or ``calibration["evaluate"]`` is true."""
+        ``objective`` is not "weight" or ``calibration["evaluate"]`` is true. ``distributed`` spreads
+        the weight shards over several workers (``shards_per_part`` to a task) and merges them;
+        the artifacts are the same; not for calibrated jobs (422)."""
         body: dict[str, Any] = {
             "source": source,
             "output": output,
@@ -209,6 +213,10 @@ class LoftQClient:
         }
         if calibration_data is not None:
             body["calibration_data"] = calibration_data
+        if distributed:
+            body["distributed"] = True
+        if shards_per_part is not None:
+            body["shards_per_part"] = shards_per_part
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.model_validate(self._json("POST", "/v1/jobs", json=body, headers=headers))
 

@@ -88,6 +88,8 @@ class JobRequest(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
     calibration_data: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    distributed: bool = False
+    shards_per_part: int = 1
 
 
 class Job(_Model):

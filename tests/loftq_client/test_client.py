@@ -141,7 +141,8 @@ class FakeServer:
             job = self.add_job(source=body["source"])
             job["request"] = {"source": body["source"], "output": body.get("output"),
                               "options": body.get("options", {}), "metadata": body.get("metadata", {}),
-                              "calibration_data": body.get("calibration_data")}
+                              "calibration_data": body.get("calibration_data"),
+                              **{k: body[k] for k in ("distributed", "shards_per_part") if k in body}}
             if key:
                 self.idempotency[key] = job["id"]
         return httpx.Response(202, json=job, headers={"Location": f"/v1/jobs/{job['id']}"})
@@ -599,3 +600,20 @@ def test_cli_status_shows_calibration_progress_and_evaluation(server: FakeServer
     assert "8 sequences × 32 tokens from 3 documents" in out and "4 held-out sequences, 128 tokens" in out
     result = run_cli("status", "job002", "--json")
     assert json.loads(result.stdout)["summary"]["evaluation"]["gap_recovered"] == 0.7519
+
+
+def test_create_distributed_job(server: FakeServer) -> None:
+    with server.client() as client:
+        job = client.create_job("s3://models/llama/", distributed=True, shards_per_part=2, rank=8)
+        assert job.request.distributed is True and job.request.shards_per_part == 2
+        plain = client.create_job("s3://models/llama/")
+    assert plain.request.distributed is False
+    body = json.loads(server.requests[-1].content)
+    assert "distributed" not in body and "shards_per_part" not in body  # server defaults apply
+
+
+def test_cli_submit_distributed(server: FakeServer, run_cli) -> None:
+    result = run_cli("submit", "s3://models/tiny/", "--distributed", "--shards-per-part", "3")
+    assert result.exit_code == 0, result.output
+    request = server.jobs["job001"]["request"]
+    assert request["distributed"] is True and request["shards_per_part"] == 3
