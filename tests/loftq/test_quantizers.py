@@ -74,6 +74,11 @@ def _rounding_sensitive(quant: str, absmax: float) -> torch.Tensor:
     return torch.cat([full, block])  # 64 + a partial block
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns: tells -0.0 from 0.0 (fp4 has both) and compares NaNs."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 # --------------------------------------------------------------------------- bitsandbytes identity
 
 
@@ -101,6 +106,12 @@ def _assert_4bit_identical(F, w: torch.Tensor, quant: str, blocksize: int = 64) 
     assert torch.equal(pack_4bit(q.codes, pad=qz.zero_code), packed)
     if w.numel() % 2 == 0:
         assert torch.equal(pack_4bit(q.codes), packed)
+    # Numerically equal to bnb's decode (its CPU kernel writes fp4's -0.0 code as +0.0) and
+    # bit-identical to our own two-step decode.
+    state.dtype = torch.float32
+    fake = qz.fake_quantize(w)
+    assert torch.equal(fake, F.dequantize_4bit(packed, state).reshape(w.shape))
+    assert _same_bits(fake, qz.dequantize(q))
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
@@ -273,6 +284,93 @@ def test_normal_float_picks_nearest_value(quant: str, bits: int) -> None:
     scaled = blocks * (1.0 / blocks.abs().max(dim=-1, keepdim=True).values)
     nearest = (scaled.unsqueeze(-1) - qz.code).abs().argmin(dim=-1)  # LoftQ's reference rule
     assert torch.equal(q.codes.reshape(-1).long(), nearest.reshape(-1))
+
+
+def _fake_quantize_cases(quant: str, blocksize: int) -> list[torch.Tensor]:
+    """Random weights at several scales, and every way to land on or next to a decision
+    boundary or an edge of the fake-quantize cell grid, with zero and all-equal blocks and a
+    partial last block."""
+    qz = get_quantizer(quant, 4 if quant in ("nf4", "fp4") else int(quant[-1]), blocksize)
+    s = qz.code.sort().values
+    mids = (s[:-1] + s[1:]) / 2
+    cells = qz._cells.cells
+    edges = torch.arange(cells + 1, dtype=torch.float32) * (2 / cells) - 1
+    special = torch.cat([mids, -mids, s, edges, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    near = [special]
+    up, down = special.clone(), special.clone()
+    for _ in range(4):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        near += [up, down]
+    special = torch.cat(near)
+    # each block: its absmax first (1.0, so scaling is exact), then special values
+    per_block = blocksize - 1
+    count = -(-special.numel() // per_block)
+    padded = torch.cat([special, special.new_zeros(count * per_block - special.numel())]).reshape(count, per_block)
+    on_grid = torch.cat([torch.ones(count, 1), padded.clamp(-1, 1)], dim=1).reshape(-1)
+    cases = [on_grid, on_grid * 0.37, on_grid[: on_grid.numel() - 5] * 3.3]  # exact, inexact scaling, partial block
+    for i, scale in enumerate((0.02, 1.0, 1e-30, 3e4)):
+        cases.append(_weight((37, 3 * blocksize + 5), seed=100 + i) * scale)
+    w = _weight((16, blocksize), seed=200)
+    w[1] = 0.0
+    w[2] = 0.5
+    w[3] = -2.0
+    w[4, :3] = 1e-42  # subnormal
+    w[5] = -0.0
+    cases.append(w)
+    cases.append(torch.zeros(3))
+    cases.append(_weight((5, blocksize), seed=201).bfloat16())
+    cases.append(_weight((5, blocksize), seed=202).half())
+    return cases
+
+
+@pytest.mark.parametrize(("quant", "blocksize"), [("nf4", 64), ("nf4", 32), ("fp4", 64), ("nf3", 64), ("nf2", 128)])
+def test_fake_quantize_is_quantize_then_dequantize_bit_for_bit(monkeypatch, quant: str, blocksize: int) -> None:
+    import loftq.quantizers as quantizers
+
+    qz = get_quantizer(quant, 4 if quant in ("nf4", "fp4") else int(quant[-1]), blocksize)
+    for chunk in (1 << 17, 3 * blocksize):  # one chunk, and many with a shorter last one
+        monkeypatch.setattr(quantizers, "FAKE_QUANTIZE_CHUNK", chunk)
+        for i, w in enumerate(_fake_quantize_cases(quant, blocksize)):
+            ours = qz.fake_quantize(w)
+            assert ours.dtype == torch.float32 and ours.shape == w.shape
+            assert _same_bits(ours, qz.dequantize(qz.quantize(w))), (quant, blocksize, chunk, i)
+
+
+def test_fake_quantize_with_a_boundary_one_ulp_below_a_cell_edge() -> None:
+    # midpoint of 0 and 2·nextafter(0.5, 0) is one ulp below 0.5, an edge of the cell grid:
+    # x within an ulp or two of it may be put in the cell above, whose table must still count it
+    just_below = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))
+    qz = CodebookQuantizer("edge", 2, torch.stack([torch.tensor(-1.0), torch.tensor(0.0), 2 * just_below, torch.tensor(1.0)]), 64)
+    around = [down := torch.tensor(0.5)]
+    up = down
+    for _ in range(6):
+        down, up = torch.nextafter(down, torch.tensor(0.0)), torch.nextafter(up, torch.tensor(1.0))
+        around += [down, up]
+    block = torch.cat([torch.ones(1), torch.stack(around)])
+    w = torch.cat([block, block.new_zeros(64 - block.numel())]).repeat(3)
+    assert _same_bits(qz.fake_quantize(w), qz.dequantize(qz.quantize(w)))
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_fake_quantize_matches_bitsandbytes_on_many_weights(bnbf, quant: str) -> None:
+    for i, w in enumerate(_fake_quantize_cases(quant, 64)):
+        _assert_4bit_identical(bnbf, w, quant)
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(int(torch.randint(1, 40, (1,), generator=gen)), 97, generator=gen)
+        w *= torch.rand(w.shape[0], 1, generator=gen) * 10 ** float(torch.randint(-4, 4, (1,), generator=gen))
+        _assert_4bit_identical(bnbf, w, quant)
+
+
+def test_fake_quantize_nonfinite_blocks_match_the_two_step_path() -> None:
+    qz = get_quantizer("nf4", 4)
+    w = _weight((4, 64), seed=300)
+    w[0, 5] = float("nan")
+    w[1, 7] = float("inf")
+    w[2, 9] = -float("inf")
+    ours, ref = qz.fake_quantize(w), qz.dequantize(qz.quantize(w))
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours[3], ref[3])
 
 
 def test_nf4_requantize_is_idempotent() -> None:
