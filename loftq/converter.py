@@ -30,7 +30,7 @@ from loftq.report import LayerReport, ProgressEvent, Report, summarize
 from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_file
 from loftq.plot import PLOT_NAME, write_layer_plot
 from loftq.pipeline import Background, Prefetch
-from loftq.shard import LayerFitter, ShardResult, convert_shard, weight_space_fitter
+from loftq.shard import LayerFitter, ShardResult, convert_shard, fit_concurrency, weight_space_fitter
 from loftq.storage import Destination, Source
 from loftq.targets import ModelLayout, resolve_layout
 
@@ -192,7 +192,8 @@ def convert_part(
     def progress(stage: str, **fields: object) -> None:
         emit(ProgressEvent(stage, len(layers), total, shard_loop.done, len(shards), **fields))
 
-    shard_loop.run(list(shards), weight_space_fitter(backbone, device), layers, should_stop or (lambda: False), progress)
+    stop = should_stop or (lambda: False)
+    shard_loop.run(list(shards), weight_space_fitter(backbone, device), layers, stop, progress, concurrency=fit_concurrency(device))
     return layers
 
 
@@ -248,6 +249,7 @@ class _ShardLoop:
         *,
         trust: bool = False,
         layer_events: bool = True,
+        concurrency: int = 1,
     ) -> None:
         """``progress(stage, **fields)`` is called per layer (``layer_events``) and per shard;
         ``self.done`` counts the finished shards (their upload may still be running)."""
@@ -273,6 +275,7 @@ class _ShardLoop:
                             fitter,
                             on_layer=on_layer,
                             should_stop=stop,
+                            concurrency=concurrency,
                         )
                 self.done += 1
                 if record is not None:
@@ -345,9 +348,9 @@ def _convert(
 
         (scratch / "fits").mkdir()
         calibration = calibrated.run(data, on_layer=on_fitted, on_block=on_block, should_stop=stop)
-        fitter = calibration.fits
+        fitter, concurrency = calibration.fits, 1  # read back from scratch: nothing to compute
     else:
-        fitter = weight_space_fitter(backbone, device)
+        fitter, concurrency = weight_space_fitter(backbone, device), fit_concurrency(device)
 
     journal = Journal(destination, binding)
     shard_loop = _ShardLoop(source, destination, journal, layout, backbone)
@@ -362,7 +365,9 @@ def _convert(
         outputs.publish(name)
 
     # calibrated layers were reported while they were fitted
-    shard_loop.run(checkpoint.shards, fitter, layers, stop, progress, trust=trust_parts, layer_events=calibrated is None)
+    shard_loop.run(
+        checkpoint.shards, fitter, layers, stop, progress, trust=trust_parts, layer_events=calibrated is None, concurrency=concurrency
+    )
 
     progress("finalize")
     if checkpoint.index is not None:

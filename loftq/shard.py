@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +111,10 @@ def layer_report(target: Target, fit: LayerFit, *, shard: str, seconds: float, *
 
 
 def weight_space_fitter(backbone: Backbone, device: torch.device) -> LayerFitter:
-    """Plain LoftQ: each layer is fitted from its weight alone, as it streams past."""
+    """Plain LoftQ: each layer is fitted from its weight alone, as it streams past.
+
+    The stored tensors stay on the fit's device (cast to the stored dtype there); the writer
+    thread copies them to the host, so a GPU fit moves the bf16 backbone, not an fp32 one."""
 
     def fit(info: TensorInfo, target: Target, tensor: torch.Tensor, shard: str) -> FittedLayer:
         started = time.perf_counter()
@@ -120,11 +126,51 @@ def weight_space_fitter(backbone: Backbone, device: torch.device) -> LayerFitter
             backbone.options,
             as_loaded=lambda q: backbone.as_loaded(q, info.torch_dtype),
         )
-        stored = backbone.tensors(info, target, result.q.cpu())
+        stored = backbone.tensors(info, target, result.q)
+        lora_a, lora_b = result.lora_a.cpu(), result.lora_b.cpu()
         report = layer_report(target, result, shard=shard, seconds=time.perf_counter() - started)
-        return FittedLayer(stored, result.lora_a.cpu(), result.lora_b.cpu(), report)
+        return FittedLayer(stored, lora_a, lora_b, report)
 
     return fit
+
+
+CUDA_CONCURRENT_FITS = 4
+"""Layers fitted at once on a GPU, each on its own CUDA stream. One fit is a chain of small,
+latency-bound kernels (thin QRs, a small eigendecomposition, skinny products) that leave most
+of the GPU idle; four in flight keep it busy (bench/gpu.py). Each fit is seeded on its own,
+so the output does not depend on this number."""
+
+
+def fit_concurrency(device: torch.device) -> int:
+    """On CPU one fit already uses every core (torch's intra-op threads)."""
+    return CUDA_CONCURRENT_FITS if device.type == "cuda" else 1
+
+
+class _OnOwnStreams:
+    """Runs fits on a thread pool, each thread on its own CUDA stream, finished (synchronised)
+    before its result is handed back, so other threads can use the tensors right away."""
+
+    def __init__(self, fitter: LayerFitter, workers: int) -> None:
+        self.fitter = fitter
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fit")
+        self.local = threading.local()
+
+    def _fit(self, *args: object) -> FittedLayer:
+        if not torch.cuda.is_available():
+            return self.fitter(*args)  # type: ignore[arg-type]
+        stream = getattr(self.local, "stream", None)
+        if stream is None:
+            stream = self.local.stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fitted = self.fitter(*args)  # type: ignore[arg-type]
+        stream.synchronize()
+        return fitted
+
+    def submit(self, *args: object) -> Future[FittedLayer]:
+        return self.pool.submit(self._fit, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert_shard(
@@ -137,12 +183,14 @@ def convert_shard(
     *,
     on_layer: Callable[[LayerReport], None],
     should_stop: Callable[[], bool],
+    concurrency: int = 1,
 ) -> ShardResult:
     """Three stages overlap (loftq.pipeline): a reader thread loads the next target weight
-    while this thread fits the current one, and a writer thread writes finished tensors and
-    copies the others. The writer works in file order, so it also hashes the input: the
-    header, then every tensor as it passes, which hashes the whole file without a second read
-    (tensors are contiguous and cover the file; read_header checks)."""
+    while the current one is fitted (``concurrency`` fits at once, on GPU), and a writer
+    thread writes finished tensors and copies the others. The writer works in file order, so
+    it also hashes the input: the header, then every tensor as it passes, which hashes the
+    whole file without a second read (tensors are contiguous and cover the file; read_header
+    checks)."""
     header = read_header(in_path)
     targets = shard_targets(header, layout)
     entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
@@ -160,26 +208,48 @@ def convert_shard(
             writer.write(name, tensor)
 
     reads = ((target, read_tensor(in_path, header.tensors[target.key])) for target in targets)
+    parallel = _OnOwnStreams(fitter, concurrency) if concurrency > 1 else None
+    # File order, with up to ``concurrency`` fits in flight: ("copy", info) or ("fit", info, target, tensor, result).
+    pending: deque[tuple] = deque()
+
+    def finish_head() -> None:
+        entry = pending.popleft()
+        if entry[0] == "copy":
+            behind.submit(lambda info=entry[1]: copy(info))
+            return
+        _, info, target, tensor, result = entry
+        fitted = result.result() if isinstance(result, Future) else result
+        behind.submit(lambda: write(tensor, fitted.stored))
+        key_a, key_b = lora_keys(target.module)
+        adapters[key_a], adapters[key_b] = fitted.lora_a, fitted.lora_b
+        layers.append(fitted.report)
+        on_layer(fitted.report)
+
     with ShardWriter(out_path, entries, header.metadata) as writer:
-        with Prefetch(reads, depth=1, name=f"read {shard}") as ahead, Background(depth=1, name=f"write {shard}") as behind:
-            loaded = iter(ahead)
-            for info in header.tensors.values():
-                target = layout.targets.get(info.name)
-                if target is None:  # copied as raw bytes, a piece at a time
-                    behind.submit(lambda info=info: copy(info))
-                    continue
-                if should_stop():
-                    raise Cancelled("conversion cancelled")
-                _, tensor = next(loaded)
-                fitted = fitter(info, target, tensor, shard)
-                behind.submit(lambda tensor=tensor, stored=fitted.stored: write(tensor, stored))
-                key_a, key_b = lora_keys(target.module)
-                adapters[key_a], adapters[key_b] = fitted.lora_a, fitted.lora_b
-                layers.append(fitted.report)
-                on_layer(fitted.report)
-                del tensor, fitted
-                release_freed_memory()
-            behind.join()
+        try:
+            with Prefetch(reads, depth=1, name=f"read {shard}") as ahead, Background(depth=1, name=f"write {shard}") as behind:
+                loaded = iter(ahead)
+                for info in header.tensors.values():
+                    target = layout.targets.get(info.name)
+                    if target is None:  # copied as raw bytes, a piece at a time
+                        pending.append(("copy", info))
+                    else:
+                        if should_stop():
+                            raise Cancelled("conversion cancelled")
+                        _, tensor = next(loaded)
+                        args = (info, target, tensor, shard)
+                        result = parallel.submit(*args) if parallel else fitter(*args)
+                        pending.append(("fit", info, target, tensor, result))
+                        del tensor, result
+                    while pending and (pending[0][0] == "copy" or sum(e[0] == "fit" for e in pending) >= concurrency):
+                        finish_head()
+                        release_freed_memory()
+                while pending:
+                    finish_head()
+                behind.join()
+        finally:
+            if parallel is not None:
+                parallel.close()
         sha256 = writer.close()
     return ShardResult(
         source_sha256=source_hash.hexdigest(),

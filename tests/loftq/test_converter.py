@@ -686,3 +686,18 @@ def test_part_refuses_calibrated_options_and_unknown_shards(tiny_llama: Path, tm
         convert_part(LocalSource(tiny_llama), LocalDestination(tmp_path), _options(objective="activation"), ["x"])
     with pytest.raises(InvalidOptions, match="not shards of this checkpoint"):
         convert_part(LocalSource(tiny_llama), LocalDestination(tmp_path), _options(), ["model-99.safetensors"])
+
+
+def test_concurrent_fits_write_the_same_checkpoint(converted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits in flight at once (as on a GPU) finish out of order; the output is still in file order and identical."""
+    import loftq.converter
+
+    src, reference, _, reference_events = converted("llama")
+    monkeypatch.setattr(loftq.converter, "fit_concurrency", lambda device: 3)
+    events: list = []
+    convert_directory(src, tmp_path, _options(), on_progress=events.append)
+    modules = [e.layer.module for e in events if e.stage == "layer"]
+    assert modules == [e.layer.module for e in reference_events if e.stage == "layer"]
+    assert set(modules) == EXPECTED_TARGETS["llama"]
+    for name in [*_weight_files(src), ADAPTER_WEIGHTS]:
+        assert _sha256(tmp_path / name) == _sha256(reference / name), name
