@@ -154,6 +154,20 @@ class _OnOwnStreams:
         self.fitter = fitter
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fit")
         self.local = threading.local()
+        if torch.cuda.is_available():
+            _load_cuda_linalg()
+
+
+def _load_cuda_linalg() -> None:
+    """torch loads its CUDA linear-algebra backends lazily, and that first load is not
+    thread-safe ("lazy wrapper should be called at most once" when two fits start together):
+    load them once here, before any fit thread runs."""
+    small = torch.eye(4, device="cuda", dtype=torch.float64)
+    torch.linalg.qr(small.float())
+    torch.linalg.eigh(small)
+    torch.linalg.svd(small.float())
+    torch.linalg.cholesky(small)
+    torch.cuda.synchronize()
 
     def _fit(self, *args: object) -> FittedLayer:
         if not torch.cuda.is_available():
