@@ -146,18 +146,6 @@ def fit_concurrency(device: torch.device) -> int:
     return CUDA_CONCURRENT_FITS if device.type == "cuda" else 1
 
 
-class _OnOwnStreams:
-    """Runs fits on a thread pool, each thread on its own CUDA stream, finished (synchronised)
-    before its result is handed back, so other threads can use the tensors right away."""
-
-    def __init__(self, fitter: LayerFitter, workers: int) -> None:
-        self.fitter = fitter
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fit")
-        self.local = threading.local()
-        if torch.cuda.is_available():
-            _load_cuda_linalg()
-
-
 def _load_cuda_linalg() -> None:
     """torch loads its CUDA linear-algebra backends lazily, and that first load is not
     thread-safe ("lazy wrapper should be called at most once" when two fits start together):
@@ -168,6 +156,18 @@ def _load_cuda_linalg() -> None:
     torch.linalg.svd(small.float())
     torch.linalg.cholesky(small)
     torch.cuda.synchronize()
+
+
+class _OnOwnStreams:
+    """Runs fits on a thread pool, each thread on its own CUDA stream, finished (synchronised)
+    before its result is handed back, so other threads can use the tensors right away."""
+
+    def __init__(self, fitter: LayerFitter, workers: int) -> None:
+        self.fitter = fitter
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fit")
+        self.local = threading.local()
+        if torch.cuda.is_available():
+            _load_cuda_linalg()
 
     def _fit(self, *args: object) -> FittedLayer:
         if not torch.cuda.is_available():
