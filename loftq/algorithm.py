@@ -105,10 +105,11 @@ def fit_layer(
     w = weight.float()
     scaling = options.scaling
     generator = torch.Generator().manual_seed(options.seed)
+    w_norm = torch.linalg.matrix_norm(w).clamp_min(1e-30)  # ‖W‖ once, not per iterate
     if whitening is None:
 
-        def measure(approx: torch.Tensor) -> float:
-            return relative_error(w, approx)
+        def measure(diff: torch.Tensor) -> float:  # takes W − approx
+            return float(torch.linalg.matrix_norm(diff) / w_norm)
 
         def solve(residual: torch.Tensor) -> LowRank:
             return _solve(residual, options, generator)
@@ -118,25 +119,32 @@ def fit_layer(
         whitening = whitening.to(w.device)
         reference = whitening.norm(w).clamp_min(1e-30)  # ‖W·S‖, the same for every iterate
 
-        def measure(approx: torch.Tensor) -> float:  # == whitening.error(w, approx), W·S computed once
-            return float(whitening.norm(w - approx) / reference)
+        def measure(diff: torch.Tensor) -> float:  # takes W − approx; == whitening.error(w, approx)
+            return float(whitening.norm(diff) / reference)
 
         def solve(residual: torch.Tensor) -> LowRank:
             return _solve_weighted(residual, options, generator, whitening)
 
-    correction = torch.zeros_like(w)  # scaling·B·A of the previous iterate
+    def difference(q: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """W − (Q + L), computed in that order (the reported errors are those floats), in one buffer."""
+        approx = q + correction
+        return torch.sub(w, approx, out=approx)
+
+    correction: torch.Tensor | None = None  # scaling·B·A of the previous iterate
     best: tuple[float, torch.Tensor, LowRank] | None = None
     errors: list[float] = []
     error_quant = objective_error_quant = math.nan
     best_iter = 0
     for step in range(1, options.iters + 1):
-        q = fake_quantize(w - correction)
+        q = fake_quantize(w if correction is None else w - correction)
+        residual = w - q
         if step == 1:
-            error_quant = relative_error(w, q)
-            objective_error_quant = error_quant if whitening is None else measure(q)
-        low_rank = solve(w - q)
+            error_quant = float(torch.linalg.matrix_norm(residual) / w_norm)
+            objective_error_quant = error_quant if whitening is None else measure(residual)
+        low_rank = solve(residual)
+        del residual
         correction = low_rank.matrix()
-        error = measure(q + correction)
+        error = measure(difference(q, correction))
         errors.append(error)
         if best is None or error < best[0]:
             best, best_iter = (error, q, low_rank), step
@@ -145,7 +153,7 @@ def fit_layer(
     loaded = q if as_loaded is None else as_loaded(q)
     if not torch.equal(loaded, q):
         low_rank = solve(w - loaded)
-        error = measure(loaded + low_rank.matrix())
+        error = measure(difference(loaded, low_rank.matrix()))
     weight_error = error if whitening is None else relative_error(w, loaded + low_rank.matrix())
     lora_a, lora_b = _adapters(low_rank, scaling)
     return LayerFit(
