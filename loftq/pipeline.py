@@ -133,6 +133,10 @@ class Background:
             self._queue.put(None)
             self._thread.join()
 
+    def close(self) -> None:
+        """Wait for the thread to end without raising (for cleanup after another failure)."""
+        self._stop()
+
     def __enter__(self) -> Background:
         return self
 

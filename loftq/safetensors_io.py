@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
+from .pipeline import Background
 from .storage import sha256_file  # noqa: F401  (re-exported: part of this module's API)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -305,6 +306,7 @@ class ShardWriter:
         self._entries = self._plan(entries)
         header = self._header_bytes(self._entries, metadata)
         self._digest = hashlib.sha256()
+        self._hasher = Background(depth=4, name="sha256")
         self._next = 0
         self._done = False
         self._file = open(self.partial_path, "wb")
@@ -351,8 +353,10 @@ class ShardWriter:
         return raw
 
     def _emit(self, data: bytes | memoryview) -> None:
+        """Hashing runs on its own thread, beside the writes (sha256 is as slow as a disk):
+        ``data`` must not change afterwards, which is why ``copy`` takes its own chunks."""
         self._file.write(data)
-        self._digest.update(data)
+        self._hasher.submit(lambda: self._digest.update(data))
 
     def _check_open(self) -> None:
         if self._done:
@@ -384,7 +388,7 @@ class ShardWriter:
             written += len(chunk)
             if written > info.nbytes:
                 raise ValueError(f"{self.path}: tensor {name!r} got more than its {info.nbytes} bytes")
-            self._emit(chunk)
+            self._emit(bytes(chunk))  # the caller may reuse its buffer
         if written != info.nbytes:
             raise ValueError(f"{self.path}: tensor {name!r} got {written} of its {info.nbytes} bytes")
         self._next += 1
@@ -398,6 +402,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        self._hasher.join()
         os.replace(self.partial_path, self.path)
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         self._done = True
@@ -409,6 +414,7 @@ class ShardWriter:
             return
         self._done = True
         self._file.close()
+        self._hasher.close()
         try:
             os.remove(self.partial_path)
         except FileNotFoundError:

@@ -63,10 +63,11 @@ def _check_target(header: SafetensorsHeader, target: Target) -> None:
         )
 
 
-def _hashed(chunks: Iterator[memoryview], digest: hashlib._Hash) -> Iterator[memoryview]:
+def _hashed(chunks: Iterator[memoryview], hasher: Background, digest: hashlib._Hash) -> Iterator[bytes]:
     for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
+        piece = bytes(chunk)  # the reader reuses its buffer; the hasher runs later
+        hasher.submit(lambda piece=piece: digest.update(piece))
+        yield piece
 
 
 def shard_targets(header: SafetensorsHeader, layout: ModelLayout) -> list[Target]:
@@ -113,8 +114,8 @@ def layer_report(target: Target, fit: LayerFit, *, shard: str, seconds: float, *
 def weight_space_fitter(backbone: Backbone, device: torch.device) -> LayerFitter:
     """Plain LoftQ: each layer is fitted from its weight alone, as it streams past.
 
-    The stored tensors stay on the fit's device (cast to the stored dtype there); the writer
-    thread copies them to the host, so a GPU fit moves the bf16 backbone, not an fp32 one."""
+    The stored tensors are cast to the stored dtype on the fit's device before they are
+    copied to the host, so a GPU fit moves the bf16 backbone, not an fp32 one."""
 
     def fit(info: TensorInfo, target: Target, tensor: torch.Tensor, shard: str) -> FittedLayer:
         started = time.perf_counter()
@@ -126,7 +127,7 @@ def weight_space_fitter(backbone: Backbone, device: torch.device) -> LayerFitter
             backbone.options,
             as_loaded=lambda q: backbone.as_loaded(q, info.torch_dtype),
         )
-        stored = backbone.tensors(info, target, result.q)
+        stored = [(name, t.cpu()) for name, t in backbone.tensors(info, target, result.q)]
         lora_a, lora_b = result.lora_a.cpu(), result.lora_b.cpu()
         report = layer_report(target, result, shard=shard, seconds=time.perf_counter() - started)
         return FittedLayer(stored, lora_a, lora_b, report)
@@ -201,10 +202,10 @@ def convert_shard(
 ) -> ShardResult:
     """Three stages overlap (loftq.pipeline): a reader thread loads the next target weight
     while the current one is fitted (``concurrency`` fits at once, on GPU), and a writer
-    thread writes finished tensors and copies the others. The writer works in file order, so
-    it also hashes the input: the header, then every tensor as it passes, which hashes the
-    whole file without a second read (tensors are contiguous and cover the file; read_header
-    checks)."""
+    thread writes finished tensors and copies the others. The writer works in file order and
+    hands every input tensor, as it passes, to a hashing thread: with the header that hashes
+    the whole input without a second read (tensors are contiguous and cover the file;
+    read_header checks)."""
     header = read_header(in_path)
     targets = shard_targets(header, layout)
     entries = [e for info in header.tensors.values() for e in backbone.entries(info, layout.targets.get(info.name))]
@@ -214,10 +215,10 @@ def convert_shard(
         source_hash = hashlib.sha256(handle.read(header.data_start))
 
     def copy(info: TensorInfo) -> None:
-        writer.copy(info.name, _hashed(iter_tensor_bytes(in_path, info), source_hash))
+        writer.copy(info.name, _hashed(iter_tensor_bytes(in_path, info), hasher, source_hash))
 
     def write(source: torch.Tensor, stored: list[tuple[str, torch.Tensor]]) -> None:
-        source_hash.update(tensor_bytes(source))
+        hasher.submit(lambda: source_hash.update(tensor_bytes(source)))
         for name, tensor in stored:
             writer.write(name, tensor)
 
@@ -241,7 +242,11 @@ def convert_shard(
 
     with ShardWriter(out_path, entries, header.metadata) as writer:
         try:
-            with Prefetch(reads, depth=1, name=f"read {shard}") as ahead, Background(depth=1, name=f"write {shard}") as behind:
+            with (
+                Prefetch(reads, depth=1, name=f"read {shard}") as ahead,
+                Background(depth=1, name=f"write {shard}") as behind,
+                Background(depth=4, name=f"hash {shard}") as hasher,
+            ):
                 loaded = iter(ahead)
                 for info in header.tensors.values():
                     target = layout.targets.get(info.name)
@@ -261,6 +266,7 @@ def convert_shard(
                 while pending:
                     finish_head()
                 behind.join()
+                hasher.join()
         finally:
             if parallel is not None:
                 parallel.close()
