@@ -352,13 +352,12 @@ class ObjectStoreDestination:
         self._prune(path.parent)
 
     def _prune(self, directory: Path) -> None:
-        """Remove staging directories left empty, the staging root included."""
-        while directory == self.staging_root or directory.is_relative_to(self.staging_root):
+        """Remove staging subdirectories left empty. The staging root stays: the engine stages
+        the next shard there while another thread publishes the previous one."""
+        while directory != self.staging_root and directory.is_relative_to(self.staging_root):
             try:
                 directory.rmdir()
             except OSError:
-                return
-            if directory == self.staging_root:
                 return
             directory = directory.parent
 
