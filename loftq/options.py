@@ -70,7 +70,14 @@ class ConvertOptions(BaseModel):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     iters: int = Field(1, ge=1, le=100, description="LoftQ alternating iterations T.")
     svd: SvdMethod = Field("randomized", description="Low-rank solver: exact SVD or randomized SVD.")
-    svd_oversample: int = Field(16, ge=0, description="Randomized SVD: columns beyond the rank in each block Krylov block.")
+    svd_oversample: int = Field(
+        16,
+        ge=0,
+        description=(
+            "Randomized SVD: columns beyond the rank in each block Krylov block; blocks narrower than 64 columns are "
+            "widened to 64 where the Krylov space still fits in the matrix (a thinner block saves little time)."
+        ),
+    )
     svd_power_iters: int = Field(8, ge=0, description="Randomized SVD: depth of the block Krylov space (products with A·Aᵀ).")
     seed: int = Field(0, description="Seed of the randomized solver (results are reproducible).")
     objective: Objective = Field(
