@@ -4,9 +4,10 @@ Output shard i depends on input shard i alone (DESIGN §3), so one job's shards 
 different workers: ``send_parts`` (the job's own RUN_JOB delivery, under the job lease) plans
 the parts and sends one RUN_PART message per part; ``PartRunner`` converts one part
 (``loftq.converter.convert_part``) under a lease of its own and records it finished; the
-worker that finishes the last part (one atomic step in the job store decides which) sends
-MERGE_JOB, which is ``JobRunner.run(job_id, merge=True)``: the shards are reused from the
-destination's journal and the adapters, index, report and manifest written. No Celery chord:
+worker that finishes the last part (one atomic step in the job store decides which) merges
+right there with ``JobRunner.run(job_id, merge=True)`` (a MERGE_JOB message when that cannot
+take the job's lease, and on redeliveries): the shards are reused from the destination's
+journal and the adapters, index, report and manifest written. No Celery chord:
 the bookkeeping lives in the job store, so it survives redelivery and needs no result backend.
 The decisions are in docs/adr/0005-scale-out.md.
 """
@@ -130,7 +131,7 @@ class PartRunner:
             record = {"worker": self.runner.worker, "owner": self.runner.owner, "shards": len(parts[part]),
                       "seconds": round(time.monotonic() - started, 3)}
             if self.store.finish_part(job.id, part, record):
-                _enqueue(self.runner)(MERGE_JOB, job.id)
+                self._merge(job.id)
         except LeaseLost as exc:
             log.warning("%s; stopping without recording an end", exc)
         except Exception as exc:  # every failure must end the job with a reason
@@ -138,6 +139,13 @@ class PartRunner:
                 log.info("part %d of job %s stopped: the job has ended (%s)", part, job.id, type(exc).__name__)
                 return
             self.runner.fail(job, exc, artifacts)
+
+    def _merge(self, job_id: str) -> None:
+        """The last part merges in its own process, where the engine is imported already
+        (a MERGE_JOB message would start another child and import it again: seconds per job).
+        When the job's lease is held elsewhere (a redelivered merge), the message is sent."""
+        if not self.runner.run(job_id, merge=True):
+            _enqueue(self.runner)(MERGE_JOB, job_id)
 
     def _convert(self, job: Job, shards: list[str], scratch: Path, artifacts: ObjectStore, keeper: LeaseKeeper) -> None:
         from loftq.converter import convert_part
