@@ -102,15 +102,16 @@ def plan_shards(spec: Spec, shard_bytes: int) -> list[Spec]:
     return shards
 
 
-def write_checkpoint(directory: Path, size_gb: float, shard_mb: int, seed: int = 0) -> tuple[int, int]:
-    """Random fp32 Llama checkpoint; only one shard's tensors are ever in memory.
+def write_checkpoint(directory: Path, size_gb: float, shard_mb: int, seed: int = 0, *, layers: int | None = None) -> tuple[int, int]:
+    """Random fp32 Llama checkpoint of ``size_gb`` (or of ``layers`` decoder blocks); only one
+    shard's tensors are ever in memory.
 
     Returns (layers, shards).
     """
     import torch
     from safetensors.torch import save_file
 
-    layers = layers_for(size_gb * 2**30)
+    layers = layers if layers is not None else layers_for(size_gb * 2**30)
     spec = llama_tensors(layers)
     config = llama_config(layers)
     check_against_transformers(config, spec)

@@ -35,33 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from memory import DIMS, check_against_transformers, llama_config, llama_tensors, plan_shards  # noqa: E402
+from memory import DIMS, write_checkpoint  # noqa: E402
 
 TIMED = {"loftq_report.json", "loftq_layers.png", "manifest.json"}
-
-
-def write_checkpoint(directory: Path, layers: int, shard_mb: int, seed: int = 0) -> int:
-    """bench/memory.py's checkpoint, sized by decoder blocks; returns the number of shards."""
-    import math
-
-    import torch
-    from safetensors.torch import save_file
-
-    spec = llama_tensors(layers)
-    config = llama_config(layers)
-    check_against_transformers(config, spec)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generator = torch.Generator().manual_seed(seed)
-    shards = plan_shards(spec, shard_mb * 2**20)
-    weight_map: dict[str, str] = {}
-    for k, shard in enumerate(shards, 1):
-        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: torch.randn(s, generator=generator).mul_(0.02) for n, s in shard}, str(directory / name), metadata={"format": "pt"})
-        weight_map.update((n, name) for n, _ in shard)
-    index = {"metadata": {"total_size": sum(math.prod(s) * 4 for _, s in spec)}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return len(shards)
 
 
 class Workers:
@@ -144,7 +120,7 @@ def main() -> int:
     try:
         model = work / "models" / "llama"
         t = time.perf_counter()
-        shards = write_checkpoint(model, args.layers, args.shard_mb)
+        _, shards = write_checkpoint(model, 0, args.shard_mb, layers=args.layers)
         size = sum(p.stat().st_size for p in model.iterdir())
         print(f"checkpoint: {args.layers} blocks (hidden {DIMS['hidden_size']}, intermediate {DIMS['intermediate_size']}), "
               f"{shards} shards, {size / 2**30:.2f} GiB fp32, written in {time.perf_counter() - t:.0f} s", flush=True)
