@@ -16,8 +16,10 @@ Families:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +188,23 @@ FAKE_QUANTIZE_CHUNK = 1 << 17
 """Elements per chunk of ``CodebookQuantizer.fake_quantize`` on CPU: its dozen passes then
 run in cache (512 KiB per fp32 buffer) instead of streaming the whole weight each time."""
 
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The chunked fake quantization runs thousands of short ops. Split over OpenMP threads,
+    each waits at a barrier for a thread that another process may have descheduled: on 2
+    cores beside a busy process, 11008×4096 took 2–6 s on two threads and 0.33 s on one
+    (0.2 s on two when the machine is idle)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 FAKE_QUANTIZE_CHUNK_ACCELERATOR = 1 << 24
 """The same on other devices: large (few kernel launches), bounded for the scratch memory."""
 
@@ -247,20 +266,21 @@ class _CellTable:
         index = torch.empty(chunk * size, dtype=torch.int32, device=blocks.device)
         looked_up = blocks.new_empty(chunk * size)
         half = self.cells / 2
-        for start in range(0, rows, step):
-            part = blocks[start : start + step]
-            c = part.shape[0]
-            s, w, j, t = scaled[:c], work[:c], index[: c * size], looked_up[: c * size]
-            absmax = torch.amax(torch.abs(part, out=s), dim=-1, keepdim=True)
-            torch.mul(part, 1.0 / absmax.clamp(min=_TINY), out=s).clamp_(-1, 1)
-            torch.add(s, 1, out=w).mul_(half)
-            j.copy_(w.view(-1)).clamp_(0, self.cells)  # floor (w >= 0); the clamp only catches NaN
-            torch.index_select(boundary, 0, j, out=t)
-            torch.gt(s, t.view(c, size), out=w)  # 1.0 where x lies above its cell's boundary
-            w.view(-1).add_(j, alpha=2)
-            j.copy_(w.view(-1))
-            torch.index_select(values, 0, j, out=t)
-            torch.mul(t.view(c, size), absmax, out=out[start : start + c])
+        with _one_cpu_thread(blocks.device):
+            for start in range(0, rows, step):
+                part = blocks[start : start + step]
+                c = part.shape[0]
+                s, w, j, t = scaled[:c], work[:c], index[: c * size], looked_up[: c * size]
+                absmax = torch.amax(torch.abs(part, out=s), dim=-1, keepdim=True)
+                torch.mul(part, 1.0 / absmax.clamp(min=_TINY), out=s).clamp_(-1, 1)
+                torch.add(s, 1, out=w).mul_(half)
+                j.copy_(w.view(-1)).clamp_(0, self.cells)  # floor (w >= 0); the clamp only catches NaN
+                torch.index_select(boundary, 0, j, out=t)
+                torch.gt(s, t.view(c, size), out=w)  # 1.0 where x lies above its cell's boundary
+                w.view(-1).add_(j, alpha=2)
+                j.copy_(w.view(-1))
+                torch.index_select(values, 0, j, out=t)
+                torch.mul(t.view(c, size), absmax, out=out[start : start + c])
 
 
 # --------------------------------------------------------------------------- families
