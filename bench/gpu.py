@@ -50,6 +50,7 @@ from loftq.safetensors_io import ShardWriter  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from io_floor import evict, io_floor  # noqa: E402
+from memory import llama_tensors, plan_shards  # noqa: E402
 
 PRESETS = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000},
@@ -72,29 +73,10 @@ class Figures(dict):
         print(f"{key}: {json.dumps(value)}", flush=True)
 
 
-def llama_spec(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, m, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
-    spec: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for i in range(dims["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        spec += [(f"{p}.self_attn.{n}_proj.weight", (h, h)) for n in "qkvo"]
-        spec += [(f"{p}.mlp.gate_proj.weight", (m, h)), (f"{p}.mlp.up_proj.weight", (m, h)), (f"{p}.mlp.down_proj.weight", (h, m))]
-        spec += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.post_attention_layernorm.weight", (h,))]
-    return spec + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-
-
 def generate(directory: Path, dims: dict, device: torch.device, shard_bytes: int = 5 * 10**9) -> int:
     """Writes the checkpoint one tensor at a time; returns its size in bytes."""
-    spec = llama_spec(dims)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in spec:
-        nbytes = math.prod(shape) * 2
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
+    spec = llama_tensors(dims["num_hidden_layers"], dims)
+    shards = plan_shards(spec, shard_bytes, itemsize=2)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -205,7 +187,7 @@ def main() -> int:
     figures.put("generate", {"seconds": time.perf_counter() - started, "bytes": size, "files": len(list(source.iterdir()))})
 
     try:
-        targets = [(n, s) for n, s in llama_spec(dims) if n.endswith("proj.weight")]
+        targets = [(n, s) for n, s in llama_tensors(dims["num_hidden_layers"], dims) if n.endswith("proj.weight")]
         adapter_bytes = sum(args.rank * (s[0] + s[1]) * 4 for _, s in targets)
         if "floor" not in args.skip:
             cold = evict(source)

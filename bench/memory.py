@@ -48,9 +48,9 @@ Spec = list[tuple[str, tuple[int, ...]]]
 # --------------------------------------------------------------------------- checkpoint
 
 
-def llama_tensors(layers: int) -> Spec:
+def llama_tensors(layers: int, dims: dict = DIMS) -> Spec:
     """LlamaForCausalLM's parameters, in state_dict (and so save_pretrained) order."""
-    h, i, v = DIMS["hidden_size"], DIMS["intermediate_size"], DIMS["vocab_size"]
+    h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
     spec: Spec = [("model.embed_tokens.weight", (v, h))]
     for n in range(layers):
         p = f"model.layers.{n}"
@@ -88,12 +88,12 @@ def layers_for(size_bytes: float) -> int:
     return max(1, math.ceil((size_bytes / 4 - fixed) / per_layer))
 
 
-def plan_shards(spec: Spec, shard_bytes: int) -> list[Spec]:
+def plan_shards(spec: Spec, shard_bytes: int, itemsize: int = 4) -> list[Spec]:
     """Greedy grouping in order; a tensor bigger than the limit gets a shard of its own."""
     shards: list[Spec] = [[]]
     used = 0
     for name, shape in spec:
-        nbytes = math.prod(shape) * 4
+        nbytes = math.prod(shape) * itemsize
         if shards[-1] and used + nbytes > shard_bytes:
             shards.append([])
             used = 0
