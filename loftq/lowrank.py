@@ -8,11 +8,11 @@ Krylov, see ``randomized_svd``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from loftq.threads import one_cpu_thread
 
 
 @dataclass(frozen=True)
@@ -28,30 +28,13 @@ class LowRank:
 
 
 THIN_COLUMNS = 128
-"""QRs up to this many columns run on one CPU thread (see ``_one_cpu_thread``)."""
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Thin QRs (k ≤ a few hundred columns) are latency-bound: on CPU, splitting them over
-    OpenMP threads gains nothing alone and, when another process holds a core, every call
-    waits for a descheduled thread at a barrier (measured on 2 cores: a 4096×48 QR took 1.7 ms
-    on one thread and 316 ms on two beside a busy process)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+"""QRs up to this many columns run on one CPU thread (see ``loftq.threads.one_cpu_thread``)."""
 
 
 def _orthonormal(a: torch.Tensor) -> torch.Tensor:
     if a.shape[1] > THIN_COLUMNS:
         return torch.linalg.qr(a)[0]
-    with _one_cpu_thread(a.device):
+    with one_cpu_thread(a.device):
         return torch.linalg.qr(a)[0]
 
 

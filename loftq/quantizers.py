@@ -16,15 +16,14 @@ Families:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from loftq.errors import InvalidOptions
+from loftq.threads import one_cpu_thread
 
 __all__ = [
     "FP4_CODE",
@@ -189,22 +188,6 @@ FAKE_QUANTIZE_CHUNK = 1 << 17
 run in cache (512 KiB per fp32 buffer) instead of streaming the whole weight each time."""
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """The chunked fake quantization runs thousands of short ops. Split over OpenMP threads,
-    each waits at a barrier for a thread that another process may have descheduled: on 2
-    cores beside a busy process, 11008×4096 took 2–6 s on two threads and 0.33 s on one
-    (0.2 s on two when the machine is idle)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 FAKE_QUANTIZE_CHUNK_ACCELERATOR = 1 << 24
 """The same on other devices: large (few kernel launches), bounded for the scratch memory."""
 
@@ -266,7 +249,7 @@ class _CellTable:
         index = torch.empty(chunk * size, dtype=torch.int32, device=blocks.device)
         looked_up = blocks.new_empty(chunk * size)
         half = self.cells / 2
-        with _one_cpu_thread(blocks.device):
+        with one_cpu_thread(blocks.device):
             for start in range(0, rows, step):
                 part = blocks[start : start + step]
                 c = part.shape[0]

@@ -24,22 +24,10 @@ BUCKET = "artifacts"
 MODELS = "models"
 
 
-def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
-def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path) -> Iterator[dict]:
+def stack(
+    redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path, wait_until
+) -> Iterator[dict]:
     """API + worker processes configured like production (S3 storage), models uploaded to S3."""
     work = tmp_path_factory.mktemp("service")
     files_root = work / "files"
@@ -79,7 +67,7 @@ def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFac
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{base}/readyz", api)
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
         yield {"base": base, "s3": s3, "files_root": files_root, "logs": work}
     finally:
         api.terminate()

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,23 +27,8 @@ TIMED = {"loftq_report.json", "loftq_layers.png", "manifest.json"}  # hold timin
 MODEL_FILES = {"config.json", "model.safetensors.index.json", "loftq_init/adapter_config.json", "loftq_init/adapter_model.safetensors"}
 
 
-def _wait(predicate, what: str, processes: list[subprocess.Popen], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(what)
-
-
 @pytest.fixture(scope="module")
-def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[dict]:
+def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, wait_until) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("scale-out")
     redis_db = redis_url.rsplit("/", 1)[0] + "/2"
     env = {
@@ -84,9 +68,9 @@ def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFac
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
         # Both workers consuming before anything is sent, so both can take parts.
-        _wait(lambda: all(b"ready." in (work / f"{n}.log").read_bytes() for n in WORKERS), "workers ready", workers)
+        wait_until(lambda: all(b"ready." in (work / f"{n}.log").read_bytes() for n in WORKERS), "workers ready", workers)
         yield {"base": base, "store": JobStore.from_url(redis_db), "logs": work}
     finally:
         api.terminate()
