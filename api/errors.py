@@ -61,6 +61,13 @@ class JobNotFinished(ServiceError):
     code = "job_not_finished"
 
 
+class IdempotencyKeyReused(ServiceError):
+    """An ``Idempotency-Key`` already used for a different request body."""
+
+    status = 409
+    code = "idempotency_key_reused"
+
+
 class InvalidTransition(ServiceError):
     status = 409
     code = "invalid_transition"

@@ -26,6 +26,7 @@ transaction as the record, so counts and filtered lists never disagree with ``ge
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import threading
@@ -35,7 +36,7 @@ from datetime import datetime, timezone
 
 import redis
 
-from api.errors import InvalidTransition, JobNotFound
+from api.errors import IdempotencyKeyReused, InvalidTransition, JobNotFound
 from api.schemas import (
     TRANSITIONS,
     ErrorInfo,
@@ -245,8 +246,43 @@ class JobStore:
     def _event_fields(type: str, data: dict) -> dict[str, str]:
         return {"type": type, "time": _now().isoformat(), "data": json.dumps(data)}
 
-    def create(self, request: JobCreate, *, tenant: str = "default", output: str | None = None) -> Job:
+    def create_idempotent(self, request: JobCreate, key: str, *, tenant: str = "default", wait_seconds: float = 5.0) -> tuple[Job, bool]:
+        """The job created for ``key`` by this tenant, or a new one: (job, created).
+
+        The first request with a key claims it atomically (SET NX) with the body's fingerprint
+        and the id its job will have; a repeat with the same body gets that job (waiting a
+        moment if the first request is still creating it), a different body is
+        ``IdempotencyKeyReused``. Keys live as long as jobs are retained."""
+        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        claim = self._idempotency_key(tenant, key)
         job_id = new_job_id()
+        if self.client.set(claim, f"{job_id} {fingerprint}", nx=True, ex=self.retention_seconds):
+            return self.create(request, tenant=tenant, job_id=job_id), True
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            raw = self.client.get(claim)
+            if raw is None:  # released (its job could not be queued): claim it afresh
+                return self.create_idempotent(request, key, tenant=tenant, wait_seconds=wait_seconds)
+            owner, owner_fingerprint = (raw.decode() if isinstance(raw, bytes) else raw).split(" ", 1)
+            if owner_fingerprint != fingerprint:
+                raise IdempotencyKeyReused("this Idempotency-Key was used for a different request; use a new key")
+            try:
+                return self.get(owner, tenant=tenant), False
+            except JobNotFound:
+                if time.monotonic() > deadline:  # the first request died between claim and create
+                    self.client.delete(claim)
+                    continue
+                time.sleep(0.05)
+
+    def release_idempotency_key(self, key: str, *, tenant: str = "default") -> None:
+        """Forget a key whose job never reached the queue, so that a retry creates a job."""
+        self.client.delete(self._idempotency_key(tenant, key))
+
+    def _idempotency_key(self, tenant: str, key: str) -> str:
+        return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def create(self, request: JobCreate, *, tenant: str = "default", output: str | None = None, job_id: str | None = None) -> Job:
+        job_id = job_id or new_job_id()
         out = output or request.output or f"jobs/{job_id}/"
         if not out.endswith("/"):
             out += "/"

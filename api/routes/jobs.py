@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import QueueDep, SettingsDep, StoreDep
@@ -20,17 +20,41 @@ EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
-def create_job(body: JobCreate, response: Response, store: StoreDep, queue: QueueDep, settings: SettingsDep) -> Job:
+def create_job(
+    body: JobCreate,
+    response: Response,
+    store: StoreDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Retrying with the same key and body returns the same job (header Idempotent-Replayed: true); "
+            "the same key with another body is 409 idempotency_key_reused.",
+        ),
+    ] = None,
+) -> Job:
     """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
     options that need calibration data without it are 422 here, not a failed job later."""
     check_job_inputs(body, settings)
-    job = store.create(body)
+    if idempotency_key is None:
+        job, created = store.create(body), True
+    else:
+        job, created = store.create_idempotent(body, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+        return job
     try:
         queue.enqueue(job.id)
     except Exception as exc:  # the broker is down: the job must not sit queued forever
         store.transition(job.id, JobState.failed, error=ErrorInfo(code="queue_unavailable", message=str(exc)))
+        if idempotency_key is not None:  # a retry with the same key must queue a new job
+            store.release_idempotency_key(idempotency_key)
         raise Unavailable("the job queue is unreachable; try again") from exc
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
 
