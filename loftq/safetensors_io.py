@@ -153,10 +153,17 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Also refuses lone surrogates (``"\\ud800"``): Python's JSON accepts them, but a name or
+    metadata value that cannot be encoded as UTF-8 would fail later, far from the file."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise ValueError(f"duplicate key {key!r}")
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"string {text!r} is not valid Unicode") from None
         out[key] = value
     return out
 
@@ -184,6 +191,10 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_MAX_DIM = 2**63 - 1
+"""torch sizes are int64: a larger dimension (possible beside a zero one) could not be reshaped."""
+
+
 def _parse_entry(name: str, entry: Any, path: str) -> TensorInfo:
     def bad(why: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"tensor {name!r}: {why}", path=path)
@@ -197,6 +208,8 @@ def _parse_entry(name: str, entry: Any, path: str) -> TensorInfo:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if any(d > _MAX_DIM for d in shape):
+        raise bad(f"shape {shape!r} has a dimension beyond {_MAX_DIM}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise bad(f"data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
@@ -275,6 +288,8 @@ def iter_tensor_bytes(
                 yield window[:n]
     except FileNotFoundError:
         raise SourceNotFound("no such file", path=p) from None
+    except IsADirectoryError:
+        raise SourceNotFound("is a directory, not a safetensors file", path=p) from None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

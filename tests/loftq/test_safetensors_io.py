@@ -7,6 +7,7 @@ import json
 import os
 import random
 import struct
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,51 @@ def test_header_without_metadata_or_tensors(tmp_path: Path) -> None:
 
 
 def test_read_header_missing_file_is_source_not_found(tmp_path: Path) -> None:
-    with pytest.raises(SourceNotFound, match="nope.safetensors"):
+    with pytest.raises(SourceNotFound, match="nope.safetensors") as excinfo:
         read_header(tmp_path / "nope.safetensors")
+    assert excinfo.value.code == "source_not_found"
+    with pytest.raises(SourceNotFound, match="directory"):
+        read_header(tmp_path)
 
 
 def test_sub_byte_dtype_is_unsupported_not_corrupt(tmp_path: Path) -> None:
     path = _write_raw(tmp_path / "mxfp4.safetensors", {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0")
-    with pytest.raises(UnsupportedCheckpoint, match="mxfp4.safetensors"):
+    with pytest.raises(UnsupportedCheckpoint, match="mxfp4.safetensors") as excinfo:
         read_header(path)
+    assert excinfo.value.code == "unsupported_checkpoint"
+
+
+def test_read_tensor_missing_file_or_directory_is_source_not_found(tmp_path: Path) -> None:
+    info = TensorInfo(name="a", dtype="F32", shape=(1,), begin=0, end=4)
+    for path in (tmp_path / "gone.safetensors", tmp_path):
+        with pytest.raises(SourceNotFound) as excinfo:
+            read_tensor(path, info)
+        assert excinfo.value.code == "source_not_found" and excinfo.value.path == str(path)
+
+
+def test_read_tensor_on_file_shorter_than_8_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "stub.safetensors"
+    path.write_bytes(b"\0" * 5)
+    with pytest.raises(CorruptCheckpoint, match="stub.safetensors.*too short"):
+        read_tensor(path, TensorInfo(name="a", dtype="F32", shape=(1,), begin=0, end=4))
+
+
+def test_header_of_hundreds_of_mb_is_refused_before_reading(tmp_path: Path) -> None:
+    """A (sparse) file whose header really is 300 MB: refused from the length field alone."""
+    size = 300 * 1024 * 1024
+    path = tmp_path / "huge-header.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", size) + b"{")
+        f.truncate(8 + size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpoint, match=r"huge-header\.safetensors.*exceeds the limit") as excinfo:
+            read_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert excinfo.value.code == "corrupt_checkpoint"
+    assert peak < 1024 * 1024, f"read_header allocated {peak} bytes for a header it refuses"
 
 
 def test_read_tensor_on_truncated_file_names_file_and_tensor(tmp_path: Path) -> None:
@@ -315,6 +353,43 @@ CORRUPT_CASES: dict[str, tuple[Any, bytes, int | None, str]] = {
     "trailing bytes": ({"a": _f32(0, 8)}, b"\0" * 12, None, "cover 8 bytes but the data buffer is 12"),
     "byte count mismatch": ({"a": _f32(0, 12, [2])}, b"\0" * 12, None, "needs 8"),
     "bad metadata": ({"__metadata__": {"k": 1}, "a": _f32(0, 4)}, b"\0" * 4, None, "__metadata__"),
+    # header length field
+    "header length 2**63": (b"{}      ", b"", 2**63, "exceeds the limit"),
+    "header length 2**64-1": (b"{}      ", b"", 2**64 - 1, "exceeds the limit"),
+    "header length one past the file": (b"{}      ", b"", 9, "beyond the file"),
+    "empty header": (b"", b"", None, "not valid UTF-8 JSON"),
+    # JSON that is not a header
+    "json string": ("a", b"", None, "not an object"),
+    "json null": (None, b"", None, "not an object"),
+    "json number": (b"8       ", b"", None, "not an object"),
+    "utf8 bom": (b"\xef\xbb\xbf{}", b"", None, "not valid UTF-8 JSON"),
+    "nul padding": (b"{}\0\0\0\0\0\0", b"", None, "not valid UTF-8 JSON"),
+    "lone surrogate name": (b'{"\\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}', b"", None, "not valid Unicode"),
+    "deep nesting": (b"[" * 100_000 + b"]" * 100_000, b"", None, "not valid UTF-8 JSON"),
+    "5000-digit integer": (b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}', b"", None, "JSON"),
+    "duplicate metadata": (b'{"__metadata__":{},"__metadata__":{}}', b"", None, "duplicate"),
+    "duplicate metadata key": (b'{"__metadata__":{"k":"a","k":"b"}}', b"", None, "duplicate"),
+    # entries
+    "missing dtype": ({"a": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype None"),
+    "dtype not a string": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    "lower-case dtype": ({"a": {"dtype": "f32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    "shape not a list": ({"a": _f32(0, 4, 1)}, b"\0" * 4, None, "shape"),  # type: ignore[arg-type]
+    "float dim": ({"a": _f32(0, 4, [1.0])}, b"\0" * 4, None, "shape"),  # type: ignore[list-item]
+    "string dim": ({"a": _f32(0, 4, ["1"])}, b"\0" * 4, None, "shape"),  # type: ignore[list-item]
+    "huge shape product": ({"a": _f32(0, 4, [2**40] * 4)}, b"\0" * 4, None, "needs"),
+    "dim beyond int64 beside a zero": ({"a": _f32(0, 0, [0, 2**64])}, b"", None, "dimension beyond"),
+    "string offsets": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "data_offsets"),
+    "bool offset": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}}, b"\0" * 4, None, "data_offsets"),
+    "negative offset": ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [-4, 0]}}, b"\0" * 4, None, "data_offsets"),
+    "nan offset": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,NaN]}}', b"\0" * 4, None, "data_offsets"),
+    "three offsets": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}, b"\0" * 4, None, "data_offsets"),
+    "offsets beyond 2**64": ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [2**64, 2**64 + 1]}}, b"", None, "runs past"),
+    "same offsets twice": ({"a": _f32(0, 4), "b": _f32(0, 4)}, b"\0" * 4, None, "overlaps"),
+    "empty tensor inside another": ({"a": _f32(0, 8), "b": _f32(4, 4)}, b"\0" * 8, None, "overlaps"),
+    # metadata
+    "metadata a list": ({"__metadata__": ["k"]}, b"", None, "__metadata__"),
+    "metadata null value": ({"__metadata__": {"k": None}}, b"", None, "__metadata__"),
+    "metadata nested": ({"__metadata__": {"k": {"x": "y"}}}, b"", None, "__metadata__"),
 }
 
 
@@ -324,6 +399,7 @@ def test_corrupt_header_names_the_file(tmp_path: Path, case: str) -> None:
     path = _write_raw(tmp_path / "bad-shard.safetensors", header, data, header_len)
     with pytest.raises(CorruptCheckpoint) as excinfo:
         read_header(path)
+    assert excinfo.value.code == "corrupt_checkpoint"
     assert "bad-shard.safetensors" in str(excinfo.value)
     assert excinfo.value.path == str(path)
     assert fragment in str(excinfo.value)
