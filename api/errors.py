@@ -6,10 +6,23 @@ from __future__ import annotations
 class ServiceError(Exception):
     status = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None  # extra response headers (WWW-Authenticate on 401)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one the operator did not configure (RFC 6750's challenge in the header)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        challenge = 'Bearer realm="loftq"' + (', error="invalid_token"' if invalid_token else "")
+        self.headers = {"WWW-Authenticate": challenge}
 
 
 class JobNotFound(ServiceError):
@@ -54,6 +67,13 @@ class CalibrationDataTooLarge(ServiceError):
 
     status = 413
     code = "calibration_data_too_large"
+
+
+class ModelTooLarge(ServiceError):
+    """A source checkpoint above ``max_model_bytes`` (raised in the worker, before any download)."""
+
+    status = 413
+    code = "model_too_large"
 
 
 class JobNotFinished(ServiceError):

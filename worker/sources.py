@@ -28,24 +28,33 @@ from typing import Any
 
 from loftq.errors import LoftQError, SourceNotFound
 
-from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource
+from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
 from api.settings import Settings
 from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match, parse_calibration_uri, parse_source_uri
 from api.storage import ObjectStore, S3ObjectStore, StoredObject, UnsafeKey, sha256_file, safe_key
 
 
 def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
-    """The engine Source for ``uri``; downloads go to ``scratch`` one file at a time."""
+    """The engine Source for ``uri``; downloads go to ``scratch`` one file at a time.
+
+    A checkpoint above ``settings.max_model_bytes`` (from the listing: nothing is downloaded)
+    is refused here, so every path that converts (a job, a part, a merge) checks it."""
     parsed = parse_source_uri(uri, settings)
     scratch = Path(scratch)
     if parsed[0] == "file":
-        return _confined_local_source()(parsed[1], list(settings.allowed_file_roots))
-    scratch.mkdir(parents=True, exist_ok=True)
-    if parsed[0] == "s3":
-        return S3Source(
-            parsed[1], parsed[2], scratch, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        source = _confined_local_source()(parsed[1], list(settings.allowed_file_roots))
+    else:
+        scratch.mkdir(parents=True, exist_ok=True)
+        if parsed[0] == "s3":
+            source = S3Source(parsed[1], parsed[2], scratch, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        else:
+            source = HubSource(parsed[1], parsed[2] or None, scratch)
+    size = source.total_bytes()
+    if size > settings.max_model_bytes:
+        raise ModelTooLarge(
+            f"source {uri} holds {size} bytes, above this service's limit of {settings.max_model_bytes} (LOFTQ_MAX_MODEL_BYTES)"
         )
-    return HubSource(parsed[1], parsed[2] or None, scratch)
+    return source
 
 
 @functools.cache
@@ -66,6 +75,9 @@ def _confined_local_source() -> type:
                 if file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
                     raise LoftQError("file leads outside the allowed file roots", path=name)
                 yield path
+
+        def total_bytes(self) -> int:
+            return sum((self.root / name).stat().st_size for name in self.list_files())
 
     return ConfinedLocalSource
 
@@ -187,6 +199,16 @@ class HubSource:
                 raise SourceNotFound("the repository holds no files", path=self.uri)
             self._files = names
         return list(self._files)
+
+    def total_bytes(self) -> int:
+        """From the repository's file metadata (sizes of LFS and regular files)."""
+        import huggingface_hub
+
+        try:
+            info = huggingface_hub.HfApi().model_info(self.repo_id, revision=self.revision, files_metadata=True, token=self.token)
+        except _hub_missing_errors() as exc:
+            raise SourceNotFound(f"repository or revision not found: {exc}", path=self.uri) from exc
+        return sum(sibling.size or 0 for sibling in info.siblings or [])
 
     @contextlib.contextmanager
     def open_local(self, name: str) -> Iterator[Path]:

@@ -180,3 +180,14 @@ def test_too_many_deliveries_of_a_part_fail_the_job(env: Env) -> None:
     PartRunner(env.runner()).run(job_id, 3)
     job = env.store.get(job_id)
     assert job.state is JobState.failed and job.error.code == "worker_lost"
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_model_above_the_size_limit_fails_before_converting(env: Env, distributed: bool) -> None:
+    env.settings = env.settings.model_copy(update={"max_model_bytes": 1000})
+    job_id = env.create(distributed=distributed)
+    env.runner().run(job_id)
+    job = env.store.get(job_id)
+    assert job.state is JobState.failed and job.error.code == "model_too_large", job.error
+    assert "above this service's limit of 1000" in job.error.message
+    assert env.take() == [] and not (env.root / job.output).exists()

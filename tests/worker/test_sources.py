@@ -8,10 +8,11 @@ import json
 import os
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from api.errors import InvalidSource
+from api.errors import InvalidSource, ModelTooLarge
 from api.settings import Settings
 from api.storage import LocalObjectStore, S3ObjectStore
 from loftq.errors import LoftQError, SourceNotFound
@@ -130,6 +131,8 @@ def test_open_source_file_refuses_symlinked_files_leaving_the_roots(roots: Setti
             pass
     with pytest.raises(InvalidSource):
         open_source("ftp://x/y", roots, tmp_path / "scratch")
+    with pytest.raises(ModelTooLarge, match="LOFTQ_MAX_MODEL_BYTES"):
+        open_source(f"file://{model}", roots.model_copy(update={"max_model_bytes": 1}), tmp_path / "scratch")
 
 
 # --------------------------------------------------------------------------- S3Source
@@ -148,6 +151,9 @@ def test_s3_source_lists_relative_names_and_downloads_one_file_at_a_time(s3_env:
     assert source.name == f"s3://{store.bucket}/m"
     assert source.list_files() == ["config.json", "sub/tok.json"]
     assert source.total_bytes() == 5
+    with pytest.raises(ModelTooLarge, match="5 bytes"):  # from the listing, before any download
+        open_source(f"s3://{store.bucket}/m/", Settings(s3_endpoint_url=s3_env, max_model_bytes=4), scratch)
+    assert _files_under(scratch) == []
     with source.open_local("sub/tok.json") as path:
         assert path.read_bytes() == b"tok"
         assert path.is_relative_to(scratch)
@@ -205,10 +211,23 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         (Path(local_dir) / ".cache" / "meta").write_text("x")
         return str(path)
 
+    def model_info(self, repo_id, *, revision=None, files_metadata=False, token=None):
+        calls.append(("info", repo_id, revision))
+        if repo_id != "org/model":
+            list_repo_files(self, repo_id)  # raises the hub's not-found error
+        assert files_metadata, "sizes come with the files' metadata"
+        sizes = {"config.json": 2, "model.safetensors": 1000, "tokenizer/vocab.txt": 30}
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name, size=size) for name, size in sizes.items()])
+
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
 
     scratch = tmp_path / "scratch"
+    with pytest.raises(ModelTooLarge, match="1032 bytes, above this service's limit of 1000") as refused:
+        open_source("hf://org/model@v1", Settings(max_model_bytes=1000), scratch)
+    assert refused.value.code == "model_too_large" and refused.value.status == 413
+    calls.clear()
     source = open_source("hf://org/model@v1", Settings(), scratch)
     assert isinstance(source, HubSource)
     assert source.name == "org/model"
@@ -217,7 +236,7 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         assert path.read_bytes() == b"org/model:tokenizer/vocab.txt@v1"
         assert path.is_relative_to(scratch)
     assert _files_under(scratch) == []
-    assert calls == [("list", "org/model", "v1"), ("download", "org/model", "tokenizer/vocab.txt", "v1")]
+    assert calls == [("info", "org/model", "v1"), ("list", "org/model", "v1"), ("download", "org/model", "tokenizer/vocab.txt", "v1")]
 
     with pytest.raises(SourceNotFound):
         with source.open_local("not-listed.bin"):
