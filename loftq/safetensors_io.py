@@ -275,7 +275,12 @@ def iter_tensor_bytes(
             head = f.read(8)
             if len(head) != 8:
                 raise CorruptCheckpoint("file is too short for a safetensors header", path=p)
-            f.seek(8 + int.from_bytes(head, "little") + info.begin)
+            header_size = int.from_bytes(head, "little")
+            if header_size > MAX_HEADER_BYTES:  # the file changed since read_header; seek would fail
+                raise CorruptCheckpoint(
+                    f"header length {header_size} exceeds the limit of {MAX_HEADER_BYTES} bytes", path=p
+                )
+            f.seek(8 + header_size + info.begin)
             done = 0
             while done < nbytes:
                 window = buffer[done:] if into is not None else buffer[: min(len(buffer), nbytes - done)]

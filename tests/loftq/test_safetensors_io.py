@@ -137,6 +137,18 @@ def test_read_tensor_missing_file_or_directory_is_source_not_found(tmp_path: Pat
         assert excinfo.value.code == "source_not_found" and excinfo.value.path == str(path)
 
 
+@pytest.mark.parametrize("length", [MAX_HEADER_BYTES + 1, 2**63, 2**64 - 1])
+def test_read_tensor_after_header_length_changed(tmp_path: Path, length: int) -> None:
+    """Found by the fuzz test: a TensorInfo read before the file changed made seek() raise OSError/OverflowError."""
+    path = tmp_path / "changed.safetensors"
+    save_file({"a": torch.ones(4)}, path)
+    info = read_header(path).tensors["a"]
+    with open(path, "r+b") as f:
+        f.write(struct.pack("<Q", length))
+    with pytest.raises(CorruptCheckpoint, match=r"changed\.safetensors.*exceeds the limit"):
+        read_tensor(path, info)
+
+
 def test_read_tensor_on_file_shorter_than_8_bytes(tmp_path: Path) -> None:
     path = tmp_path / "stub.safetensors"
     path.write_bytes(b"\0" * 5)
