@@ -11,7 +11,9 @@ an example database, so CI runs the same examples and nothing is written into th
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from safetensors import safe_open
 
 from loftq.errors import CorruptCheckpoint, LoftQError, SourceNotFound, UnsupportedCheckpoint
 from loftq.safetensors_io import DTYPES, MAX_HEADER_BYTES, ShardWriter, SafetensorsHeader, TensorInfo, iter_tensor_bytes, read_header, read_tensor
+
+# Hypothesis caches Unicode tables and source constants in ./.hypothesis even without a database: keep them out of the repo.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "loftq-hypothesis"))
 
 FUZZ = settings(
     max_examples=200,
