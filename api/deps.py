@@ -1,4 +1,4 @@
-"""Typed dependencies of the routes: settings, job store, artifact store, job queue."""
+"""Typed dependencies of the routes: settings, job store, artifact store, job queue, the caller's tenant."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.auth import caller_tenant
 from api.jobstore import JobStore
 from api.queue import JobQueue
 from api.settings import Settings
@@ -32,3 +33,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 ArtifactsDep = Annotated[ObjectStore, Depends(get_artifacts)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+TenantDep = Annotated[str, Depends(caller_tenant)]
+"""The tenant of the caller's API key (401 without a valid one when keys are configured)."""

@@ -29,13 +29,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def bind_refusal(host: str, auth: bool) -> str | None:
+    """Why ``serve`` must not bind ``host`` (None: it may). Without API keys the service is open,
+    so it serves loopback only; with keys any interface is allowed."""
+    if auth or _is_loopback(host):
+        return None
+    return (
+        f"refusing to bind {host}: no API keys are configured (LOFTQ_API_KEYS), so the service is open and "
+        "serves loopback only (127.0.0.1); make keys with `loftq-service hash-key TENANT`"
+    )
+
+
+def auth_line(api_keys: dict[str, str]) -> str:
+    """The line ``serve`` prints at start saying whether callers need a key."""
+    if not api_keys:
+        return "authentication: off (no LOFTQ_API_KEYS): open to whoever reaches it, loopback only, one tenant 'default'"
+    tenants = sorted(set(api_keys.values()))
+    return f"authentication: on ({len(api_keys)} API keys, tenants: {', '.join(tenants)}); send Authorization: Bearer <key>"
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)  # stopping when asked is a clean exit; the finally block below still runs
 
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to bind; loopback only unless you put auth in front.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback only unless LOFTQ_API_KEYS is set.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port of the API.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Job store, artifacts and scratch space.")] = Path("loftq-data"),
     allow_files: Annotated[
@@ -46,12 +65,20 @@ def serve(
     """Start the embedded Redis-compatible server, one worker and the API; Ctrl-C stops all three."""
     import uvicorn
 
+    from pydantic import ValidationError
+
     from api.main import create_app
     from api.redis_server import start_redis_server
     from api.settings import Settings
 
-    if not _is_loopback(host):
-        typer.echo(f"refusing to bind {host}: the embedded service has no authentication, so it serves loopback only (127.0.0.1)", err=True)
+    try:
+        api_keys = Settings().api_keys
+    except ValidationError as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    refusal = bind_refusal(host, auth=bool(api_keys))
+    if refusal:
+        typer.echo(refusal, err=True)
         raise typer.Exit(2)
     data_dir = data_dir.resolve()
     roots = [p.resolve() for p in (allow_files or [Path.cwd()])]
@@ -63,7 +90,8 @@ def serve(
         "LOFTQ_WORK_DIR": str(data_dir / "work"),
         "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(r) for r in roots]),
         "LOFTQ_DEVICE": device,
-        "LOFTQ_PUBLIC_URL": f"http://{host}:{port}",
+        # Bound beyond loopback (keys configured), the address clients use may differ from --host.
+        "LOFTQ_PUBLIC_URL": os.environ.get("LOFTQ_PUBLIC_URL") or f"http://{host}:{port}",
     }
     os.environ.update(env)
     settings = Settings()
@@ -73,7 +101,8 @@ def serve(
         env={**os.environ, **env},
         start_new_session=True,  # Ctrl-C reaches the API only; the worker is stopped in order below
     )
-    typer.echo(f"loftq-service on http://{host}:{port} (no authentication: loopback only); data in {data_dir}", err=True)
+    typer.echo(f"loftq-service on http://{host}:{port}; data in {data_dir}", err=True)
+    typer.echo(auth_line(settings.api_keys), err=True)
     typer.echo(f"file:// sources allowed under: {', '.join(map(str, roots))}", err=True)
     # uvicorn shuts down on SIGTERM and then raises it again with the handler it found; the default
     # one would end this process on the spot and leave the worker and the job store running.
@@ -89,6 +118,29 @@ def serve(
             os.killpg(worker.pid, signal.SIGKILL)
         redis_process.terminate()
         redis_process.wait(10)
+
+
+@app.command("hash-key")
+def hash_key_command(
+    tenant: Annotated[str, typer.Argument(help="Tenant the key belongs to (lower-case letters, digits, - and _).")],
+    stdin: Annotated[bool, typer.Option("--stdin", help="Hash a key read from standard input instead of making one.")] = False,
+) -> None:
+    """Make an API key for TENANT: prints the key (give it to the tenant; it is not stored) and the
+    tenant:sha256 entry for LOFTQ_API_KEYS (comma-separate several)."""
+    from api.auth import TENANT_PATTERN, hash_key, new_key
+
+    if not TENANT_PATTERN.match(tenant):
+        typer.echo(f"invalid tenant {tenant!r}: lower-case letters, digits, - and _, at most 63", err=True)
+        raise typer.Exit(2)
+    if stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            typer.echo("no key on standard input", err=True)
+            raise typer.Exit(2)
+    else:
+        key = new_key()
+        typer.echo(f"key: {key}")
+    typer.echo(f"LOFTQ_API_KEYS entry: {tenant}:{hash_key(key)}")
 
 
 @app.callback()

@@ -246,7 +246,9 @@ class JobStore:
     def _event_fields(type: str, data: dict) -> dict[str, str]:
         return {"type": type, "time": _now().isoformat(), "data": json.dumps(data)}
 
-    def create_idempotent(self, request: JobCreate, key: str, *, tenant: str = "default", wait_seconds: float = 5.0) -> tuple[Job, bool]:
+    def create_idempotent(
+        self, request: JobCreate, key: str, *, tenant: str = "default", prefix: str = "", wait_seconds: float = 5.0
+    ) -> tuple[Job, bool]:
         """The job created for ``key`` by this tenant, or a new one: (job, created).
 
         The first request with a key claims it atomically (SET NX) with the body's fingerprint
@@ -257,12 +259,12 @@ class JobStore:
         claim = self._idempotency_key(tenant, key)
         job_id = new_job_id()
         if self.client.set(claim, f"{job_id} {fingerprint}", nx=True, ex=self.retention_seconds):
-            return self.create(request, tenant=tenant, job_id=job_id), True
+            return self.create(request, tenant=tenant, prefix=prefix, job_id=job_id), True
         deadline = time.monotonic() + wait_seconds
         while True:
             raw = self.client.get(claim)
             if raw is None:  # released (its job could not be queued): claim it afresh
-                return self.create_idempotent(request, key, tenant=tenant, wait_seconds=wait_seconds)
+                return self.create_idempotent(request, key, tenant=tenant, prefix=prefix, wait_seconds=wait_seconds)
             owner, owner_fingerprint = (raw.decode() if isinstance(raw, bytes) else raw).split(" ", 1)
             if owner_fingerprint != fingerprint:
                 raise IdempotencyKeyReused("this Idempotency-Key was used for a different request; use a new key")
@@ -281,9 +283,13 @@ class JobStore:
     def _idempotency_key(self, tenant: str, key: str) -> str:
         return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def create(self, request: JobCreate, *, tenant: str = "default", output: str | None = None, job_id: str | None = None) -> Job:
+    def create(
+        self, request: JobCreate, *, tenant: str = "default", prefix: str = "", output: str | None = None, job_id: str | None = None
+    ) -> Job:
+        """A queued job of ``tenant``, its artifacts under ``prefix`` (the API passes the tenant's,
+        ``tenants/<t>/``) followed by ``output``, the request's ``output`` or ``jobs/<id>/``."""
         job_id = job_id or new_job_id()
-        out = output or request.output or f"jobs/{job_id}/"
+        out = prefix + (output or request.output or f"jobs/{job_id}/")
         if not out.endswith("/"):
             out += "/"
         job = Job(id=job_id, state=JobState.queued, created_at=_now(), request=request, output=out, tenant=tenant)

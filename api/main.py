@@ -21,8 +21,8 @@ from api.storage import store_from_settings
 log = logging.getLogger(__name__)
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,13 +33,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Turn Hugging Face checkpoints into LoftQ checkpoints as jobs.",
     )
     app.state.settings = settings
+    if not settings.api_keys:
+        log.warning(
+            "no API keys configured (LOFTQ_API_KEYS): the API is open and every caller is tenant 'default'; "
+            "serve it only where nobody else can reach it"
+        )
     app.state.store = JobStore.from_url(settings.redis_url, retention_seconds=settings.job_retention_seconds)
     app.state.queue = JobQueue(settings.redis_url, settings.queue)
     app.state.artifacts = store_from_settings(settings)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

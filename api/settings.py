@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from api.auth import parse_api_keys
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOFTQ_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a plain API key pasted into LOFTQ_API_KEYS must not reach the log.
+    model_config = SettingsConfigDict(env_prefix="LOFTQ_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Job store and Celery broker.")
     queue: str = Field("loftq", description="Celery queue the GPU workers consume.")
@@ -44,6 +47,19 @@ class Settings(BaseSettings):
         ),
     )
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
+
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "API keys as tenant:sha256hex entries (JSON list or comma-separated; `loftq-service hash-key TENANT` "
+            "makes one). Held as {sha256: tenant}, never the key itself. Empty: the API is open, one tenant 'default'."
+        ),
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> dict[str, str]:
+        return parse_api_keys(value)
 
 
 @lru_cache

@@ -135,6 +135,8 @@ class LoftQClient:
     """Client of the jobs API (``/v1``). Use as a context manager, or call :meth:`close`.
 
     Every non-2xx answer raises :class:`ApiError`; network failures raise ``httpx.TransportError``.
+    ``api_key`` (default: env ``LOFTQ_API_KEY``; "" for none) is sent as ``Authorization: Bearer``
+    to the API's own origin only, never to presigned storage URLs.
     """
 
     def __init__(
@@ -147,6 +149,8 @@ class LoftQClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        if api_key is None:
+            api_key = os.environ.get("LOFTQ_API_KEY")
         base = httpx.URL(self.base_url)
         self._http = httpx.Client(
             base_url=self.base_url,

@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import ArtifactsDep, SettingsDep, StoreDep
+from api.deps import ArtifactsDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ArtifactNotFound, JobNotFinished
 from api.schemas import Artifact, ArtifactList, Job, JobState
 from api.storage import ObjectStore
@@ -30,10 +30,12 @@ def _manifest(job: Job, artifacts: ObjectStore) -> tuple[dict[str, Artifact], by
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
-def list_artifacts(job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep, settings: SettingsDep) -> ArtifactList:
-    """Every file of the checkpoint (from its manifest) with a download URL: presigned for S3,
-    an API route for local storage."""
-    job = store.get(job_id)
+def list_artifacts(
+    job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep, settings: SettingsDep, tenant: TenantDep
+) -> ArtifactList:
+    """Every file of the checkpoint (from its manifest) with a download URL: presigned for S3
+    (valid LOFTQ_PRESIGN_EXPIRY_SECONDS), an API route for local storage (needs the API key)."""
+    job = store.get(job_id, tenant=tenant)
     files, _ = _manifest(job, artifacts)
     listed = []
     for path, artifact in sorted(files.items()):
@@ -47,9 +49,9 @@ def list_artifacts(job_id: str, request: Request, store: StoreDep, artifacts: Ar
 
 
 @router.get("/{job_id}/artifacts/files/{path:path}", name="download_artifact")
-def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: ArtifactsDep) -> StreamingResponse:
+def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: ArtifactsDep, tenant: TenantDep) -> StreamingResponse:
     """Stream one file from storage. Only files named by the manifest are served."""
-    job = store.get(job_id)
+    job = store.get(job_id, tenant=tenant)
     files, raw = _manifest(job, artifacts)
     if path not in files:
         raise ArtifactNotFound(f"{path!r} is not an artifact of job {job_id}")

@@ -9,8 +9,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import QueueDep, SettingsDep, StoreDep
-from api.errors import Unavailable
+from api.auth import DEFAULT_TENANT, tenant_prefix
+from api.deps import QueueDep, SettingsDep, StoreDep, TenantDep
+from api.errors import InvalidRequest, Unavailable
 from api.schemas import ErrorInfo, EventPage, Job, JobCreate, JobPage, JobState
 from api.sources import check_job_inputs
 
@@ -26,6 +27,7 @@ def create_job(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -40,10 +42,12 @@ def create_job(
     """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
     options that need calibration data without it are 422 here, not a failed job later."""
     check_job_inputs(body, settings)
+    if tenant == DEFAULT_TENANT and body.output and body.output.split("/", 1)[0] == "tenants":
+        raise InvalidRequest("output: the tenants/ prefix is reserved for the artifacts of API-key tenants")
     if idempotency_key is None:
-        job, created = store.create(body), True
+        job, created = store.create(body, tenant=tenant, prefix=tenant_prefix(tenant)), True
     else:
-        job, created = store.create_idempotent(body, idempotency_key)
+        job, created = store.create_idempotent(body, idempotency_key, tenant=tenant, prefix=tenant_prefix(tenant))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -53,7 +57,7 @@ def create_job(
     except Exception as exc:  # the broker is down: the job must not sit queued forever
         store.transition(job.id, JobState.failed, error=ErrorInfo(code="queue_unavailable", message=str(exc)))
         if idempotency_key is not None:  # a retry with the same key must queue a new job
-            store.release_idempotency_key(idempotency_key)
+            store.release_idempotency_key(idempotency_key, tenant=tenant)
         raise Unavailable("the job queue is unreachable; try again") from exc
     return job
 
@@ -61,22 +65,25 @@ def create_job(
 @router.get("", response_model=JobPage)
 def list_jobs(
     store: StoreDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="next_after of the previous page")] = None,
     state: JobState | None = None,
 ) -> JobPage:
-    """Jobs, newest first, with cursor pagination."""
-    return store.list(limit=limit, after=after, state=state)
+    """The caller's jobs, newest first, with cursor pagination."""
+    return store.list(limit=limit, after=after, state=state, tenant=tenant)
 
 
 @router.get("/{job_id}", response_model=Job)
-def get_job(job_id: str, store: StoreDep) -> Job:
-    return store.get(job_id)
+def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
+    """Another tenant's job is 404 job_not_found, as if it did not exist."""
+    return store.get(job_id, tenant=tenant)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
-def cancel_job(job_id: str, store: StoreDep) -> Job:
+def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """Ask a job to stop (checked between layers). Idempotent; a no-op on finished jobs."""
+    store.get(job_id, tenant=tenant)  # a job never changes tenant, so checking first is enough
     return store.request_cancel(job_id)
 
 
@@ -84,20 +91,24 @@ def cancel_job(job_id: str, store: StoreDep) -> Job:
 def list_events(
     job_id: str,
     store: StoreDep,
+    tenant: TenantDep,
     after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> EventPage:
     """Per-layer progress and state changes; pass ``next_after`` back as ``after``."""
-    store.get(job_id)
+    store.get(job_id, tenant=tenant)
     return store.events(job_id, after=after, limit=limit)
 
 
 @router.get("/{job_id}/events/stream")
 def stream_events(
-    job_id: str, store: StoreDep, after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None
+    job_id: str,
+    store: StoreDep,
+    tenant: TenantDep,
+    after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None,
 ) -> StreamingResponse:
     """The same events as server-sent events; the stream ends when the job has ended."""
-    store.get(job_id)
+    store.get(job_id, tenant=tenant)
 
     def frames() -> Iterator[str]:
         cursor = after

@@ -617,3 +617,24 @@ def test_cli_submit_distributed(server: FakeServer, run_cli) -> None:
     assert result.exit_code == 0, result.output
     request = server.jobs["job001"]["request"]
     assert request["distributed"] is True and request["shards_per_part"] == 3
+
+
+def test_api_key_from_the_environment(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOFTQ_API_KEY is the key when none is passed; an explicit "" sends none."""
+    job = server.add_job()
+    monkeypatch.setenv("LOFTQ_API_KEY", KEY)
+    with LoftQClient(BASE, transport=server.transport) as client:
+        assert client.get_job(job["id"]).id == job["id"]
+    assert server.requests[-1].headers["Authorization"] == f"Bearer {KEY}"
+    with LoftQClient(BASE, "", transport=server.transport) as client, pytest.raises(ApiError) as info:
+        client.get_job(job["id"])
+    assert info.value.code == "unauthorized" and "Authorization" not in server.requests[-1].headers
+
+
+def test_cli_api_key_option(server: FakeServer, run_cli) -> None:
+    """--api-key wins over LOFTQ_API_KEY and reaches the client."""
+    job = server.add_job()
+    result = run_cli("--api-key", "other-key", "status", job["id"])
+    assert result.exit_code == 2 and "unauthorized" in result.output
+    assert run_cli.made[-1][1] == "other-key"
+    assert run_cli("status", job["id"]).exit_code == 0 and run_cli.made[-1][1] == KEY
