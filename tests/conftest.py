@@ -9,6 +9,9 @@ need such shapes. ``odd_llama`` keeps the other case to check the stored codes d
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -306,3 +309,28 @@ def calib_bert(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path
         max_position_embeddings=128,
     )
     return _calibrated_checkpoint(tmp_path_factory.mktemp("calib-bert"), BertModel(config), bpe_tokenizer_dir)
+
+
+def _wait_until(predicate: Callable[[], bool], what: str, processes: list[subprocess.Popen], timeout: float = 60) -> None:
+    """Poll ``predicate`` until true (an HTTP error counts as not yet); fail at once if one of
+    ``processes`` exits meanwhile."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> Callable[..., None]:
+    """For tests that start real server and worker processes."""
+    return _wait_until
