@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from loftq.errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
+from loftq.storage import safe_relative
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -42,6 +43,7 @@ def discover(files: list[str], index_text: str | None) -> SourceCheckpoint:
             raise CorruptCheckpoint(f"invalid index: {exc}", path=INDEX_NAME) from exc
         shards = sorted(set(weight_map.values()))
         for shard in shards:
+            safe_relative(shard)  # a hostile index must not name files outside the checkpoint
             if shard not in files:
                 raise CorruptCheckpoint(f"the index names shard {shard!r}, which is missing", path=shard)
             if not _is_root(shard) or not shard.endswith(".safetensors"):

@@ -37,6 +37,13 @@ class CorruptCheckpoint(LoftQError):
     code = "corrupt_checkpoint"
 
 
+class UnsafePath(LoftQError):
+    """A file name that would escape the checkpoint or output directory (``..``, an absolute
+    path, NUL): from a hostile index, object listing or request."""
+
+    code = "unsafe_path"
+
+
 class NoTargetModules(LoftQError):
     code = "no_target_modules"
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from loftq.errors import LoftQError, SourceNotFound
+from loftq.errors import SourceNotFound, UnsafePath
 
 
 class Source(Protocol):
@@ -54,7 +54,7 @@ def safe_relative(name: str) -> str:
     """Refuse names that would escape the checkpoint directory."""
     path = PurePosixPath(name)
     if "\x00" in name or path.is_absolute() or ".." in path.parts or not path.parts:
-        raise LoftQError(f"unsafe file name {name!r} in checkpoint")
+        raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
     return str(path)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from loftq.errors import LoftQError, SourceNotFound
+from loftq.errors import LoftQError, SourceNotFound, UnsafePath
 
 from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
 from api.settings import Settings
@@ -89,7 +89,7 @@ def _checkpoint_name(name: str) -> str:
     """Refuse object names that would escape the checkpoint, like loftq.storage.safe_relative."""
     path = PurePosixPath(name)
     if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) != name:
-        raise LoftQError(f"unsafe file name {name!r} in checkpoint")
+        raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
     return name
 
 
