@@ -25,6 +25,22 @@ class Unauthorized(ServiceError):
         self.headers = {"WWW-Authenticate": challenge}
 
 
+class RequestTooLarge(ServiceError):
+    status = 413
+    code = "request_too_large"
+
+
+class TooManyRequests(ServiceError):
+    """A per-tenant limit (submission rate, queued jobs); ``Retry-After`` says when to retry."""
+
+    status = 429
+
+    def __init__(self, message: str, *, code: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
 class JobNotFound(ServiceError):
     status = 404
     code = "job_not_found"

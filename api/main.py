@@ -10,8 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ServiceError
+from api.errors import RequestTooLarge, ServiceError
 from api.jobstore import JobStore
 from api.queue import JobQueue
 from api.routes import artifacts, health, jobs
@@ -23,6 +24,53 @@ log = logging.getLogger(__name__)
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """413 ``request_too_large`` for a body above ``limit`` bytes: at once when Content-Length
+    announces it; a body without one is read here first, never more than ``limit`` + one
+    piece, and handed on only when it fits (the routes' bodies are small JSON)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = RequestTooLarge(f"the request body is above {self.limit} bytes (LOFTQ_MAX_REQUEST_BYTES)")
+        await _error(error.status, error.code, error.message)(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await self._refuse(scope, receive, send)
+            else:  # the HTTP server holds the client to its Content-Length
+                await self.app(scope, receive, send)
+            return
+        pieces: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            pieces.append(message.get("body", b""))
+            size += len(pieces[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        body, replayed = b"".join(pieces), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return _error(500, "internal_error", "internal error; see the server log")
 
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(health.router)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     allowed_file_roots: list[Path] = Field(default_factory=list, description="Directories file:// sources may read.")
     work_dir: Path = Field(Path("./loftq-data/work"), description="Worker scratch space (one source shard at a time).")
     max_model_bytes: int = Field(200 * 2**30, ge=1, description="Largest source checkpoint accepted.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API reads (413 above).")
+    submissions_per_minute: int = Field(120, ge=1, description="New jobs one tenant may submit per minute (429 above).")
+    max_queued_jobs_per_tenant: int = Field(1000, ge=1, description="Jobs one tenant may have queued at once (429 above).")
     calibration_max_bytes: int = Field(
         2**30, ge=1, description="Most calibration text one job may read (all its .txt/.jsonl files together)."
     )

@@ -11,8 +11,10 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import DEFAULT_TENANT, tenant_prefix
 from api.deps import QueueDep, SettingsDep, StoreDep, TenantDep
-from api.errors import InvalidRequest, Unavailable
+from api.errors import InvalidRequest, TooManyRequests, Unavailable
+from api.jobstore import JobStore
 from api.schemas import ErrorInfo, EventPage, Job, JobCreate, JobPage, JobState
+from api.settings import Settings
 from api.sources import check_job_inputs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -45,9 +47,12 @@ def create_job(
     if tenant == DEFAULT_TENANT and body.output and body.output.split("/", 1)[0] == "tenants":
         raise InvalidRequest("output: the tenants/ prefix is reserved for the artifacts of API-key tenants")
     if idempotency_key is None:
+        _check_limits(store, settings, tenant)
         job, created = store.create(body, tenant=tenant, prefix=tenant_prefix(tenant)), True
     else:
-        job, created = store.create_idempotent(body, idempotency_key, tenant=tenant, prefix=tenant_prefix(tenant))
+        job, created = store.create_idempotent(
+            body, idempotency_key, tenant=tenant, prefix=tenant_prefix(tenant), admit=lambda: _check_limits(store, settings, tenant)
+        )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -60,6 +65,25 @@ def create_job(
             store.release_idempotency_key(idempotency_key, tenant=tenant)
         raise Unavailable("the job queue is unreachable; try again") from exc
     return job
+
+
+def _check_limits(store: JobStore, settings: Settings, tenant: str) -> None:
+    """Per-tenant limits on new jobs: 429 with Retry-After, before anything is created (a
+    replayed Idempotency-Key request returns its job and is not counted)."""
+    wait = store.take_submission(tenant, settings.submissions_per_minute)
+    if wait:
+        raise TooManyRequests(
+            f"more than {settings.submissions_per_minute} submissions in a minute (LOFTQ_SUBMISSIONS_PER_MINUTE)",
+            code="rate_limited",
+            retry_after=wait,
+        )
+    if store.count_queued(tenant) >= settings.max_queued_jobs_per_tenant:
+        raise TooManyRequests(
+            f"{settings.max_queued_jobs_per_tenant} jobs are queued already (LOFTQ_MAX_QUEUED_JOBS_PER_TENANT); "
+            "retry when some have started",
+            code="too_many_queued_jobs",
+            retry_after=30,
+        )
 
 
 @router.get("", response_model=JobPage)
