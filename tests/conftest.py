@@ -334,3 +334,30 @@ def _wait_until(predicate: Callable[[], bool], what: str, processes: list[subpro
 def wait_until() -> Callable[..., None]:
     """For tests that start real server and worker processes."""
     return _wait_until
+
+
+@pytest.fixture(scope="session")
+def start_api(wait_until) -> Callable[[dict, Path], tuple[subprocess.Popen, str]]:
+    """Start the API (uvicorn, loopback, a free port) with ``env``, logging to ``log``; returns
+    the process and its base URL once /readyz answers."""
+    import sys
+
+    import httpx
+
+    from api.redis_server import free_port
+
+    def start(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
+        except BaseException:
+            api.kill()
+            raise
+        return api, base
+
+    return start

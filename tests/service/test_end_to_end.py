@@ -18,7 +18,6 @@ import boto3
 import httpx
 import pytest
 
-from api.redis_server import free_port
 
 BUCKET = "artifacts"
 MODELS = "models"
@@ -26,7 +25,7 @@ MODELS = "models"
 
 @pytest.fixture(scope="module")
 def stack(
-    redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path, wait_until
+    redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path, start_api
 ) -> Iterator[dict]:
     """API + worker processes configured like production (S3 storage), models uploaded to S3."""
     work = tmp_path_factory.mktemp("service")
@@ -54,20 +53,14 @@ def stack(
         for path in model.iterdir():
             s3.upload_file(str(path), MODELS, f"{name}/{path.name}")
 
-    port = free_port()
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
          "--concurrency", "1", "--loglevel", "INFO", "-Q", "loftq-e2e", "--hostname", "e2e@%h"],
         env=env, stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT,
         start_new_session=True,  # its pool children are stopped with it
     )
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=open(work / "api.log", "wb"), stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    api, base = start_api(env, work / "api.log")
     try:
-        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
         yield {"base": base, "s3": s3, "files_root": files_root, "logs": work}
     finally:
         api.terminate()

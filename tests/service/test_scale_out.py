@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from api.jobstore import JobStore
-from api.redis_server import free_port
 
 BUCKET = "scale-artifacts"
 MODELS = "scale-models"
@@ -28,7 +27,7 @@ MODEL_FILES = {"config.json", "model.safetensors.index.json", "loftq_init/adapte
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, wait_until) -> Iterator[dict]:
+def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, wait_until, start_api) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("scale-out")
     redis_db = redis_url.rsplit("/", 1)[0] + "/2"
     env = {
@@ -61,14 +60,8 @@ def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFac
             env={**env, "LOFTQ_WORK_DIR": str(work / name)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         ))
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=open(work / "api.log", "wb"), stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    api, base = start_api(env, work / "api.log")
     try:
-        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, "API ready", [api])
         # Both workers consuming before anything is sent, so both can take parts.
         wait_until(lambda: all(b"ready." in (work / f"{n}.log").read_bytes() for n in WORKERS), "workers ready", workers)
         yield {"base": base, "store": JobStore.from_url(redis_db), "logs": work}
