@@ -104,6 +104,7 @@ class Background:
     def __init__(self, depth: int = 2, name: str = "background") -> None:
         self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -120,7 +121,10 @@ class Background:
             raise self._error
 
     def submit(self, call: Callable[[], object]) -> None:
+        """Raises once closed: nothing would run the call, and a full queue would block forever."""
         self._raise()
+        if self._closed:
+            raise RuntimeError("submit to a Background that is closed")
         self._queue.put(call)
 
     def join(self) -> None:
@@ -129,6 +133,7 @@ class Background:
         self._raise()
 
     def _stop(self) -> None:
+        self._closed = True
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

@@ -242,10 +242,12 @@ def convert_shard(
 
     with ShardWriter(out_path, entries, header.metadata) as writer:
         try:
+            # The writer feeds the hasher, so it is closed first (contexts exit in reverse):
+            # on a failure it drains its last calls into a hasher that still runs.
             with (
                 Prefetch(reads, depth=1, name=f"read {shard}") as ahead,
-                Background(depth=1, name=f"write {shard}") as behind,
                 Background(depth=4, name=f"hash {shard}") as hasher,
+                Background(depth=1, name=f"write {shard}") as behind,
             ):
                 loaded = iter(ahead)
                 for info in header.tensors.values():

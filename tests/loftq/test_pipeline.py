@@ -94,3 +94,11 @@ def test_background_raises_at_the_next_submit() -> None:
             time.sleep(0.01)
     with pytest.raises(ZeroDivisionError):
         behind.join()
+
+
+def test_background_refuses_calls_once_closed() -> None:
+    """A closed Background runs nothing: a submit must fail, not wait on a queue nobody reads."""
+    behind = Background(depth=1)
+    behind.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        behind.submit(lambda: None)
