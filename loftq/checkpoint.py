@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from loftq.errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
+from loftq.errors import CorruptCheckpoint, NoSafetensors, PickleCheckpoint, UnsupportedCheckpoint
 from loftq.storage import safe_relative
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,7 +39,7 @@ def discover(files: list[str], index_text: str | None) -> SourceCheckpoint:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map must map tensor names to file names")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptCheckpoint(f"invalid index: {exc}", path=INDEX_NAME) from exc
         shards = sorted(set(weight_map.values()))
         for shard in shards:
@@ -57,13 +57,18 @@ def discover(files: list[str], index_text: str | None) -> SourceCheckpoint:
             f"{len(root_safetensors)} safetensors files but no {INDEX_NAME} to say which hold the model", path=INDEX_NAME
         )
     elif pickles:
-        raise UnsupportedCheckpoint(
-            "only pickle weights found (" + ", ".join(pickles[:3]) + "); pickle files are never unpickled here. "
-            "Convert the model to safetensors first, e.g. model.save_pretrained(dir, safe_serialization=True).",
+        raise PickleCheckpoint(
+            "only pickle weights found (" + ", ".join(pickles[:3]) + "); pickle files are not loaded (unpickling runs "
+            "arbitrary code). Convert the model to safetensors first, e.g. model.save_pretrained(dir, safe_serialization=True).",
             path=pickles[0],
         )
     else:
-        raise SourceNotFound("no safetensors weights in the checkpoint")
+        beside = sorted(f for f in files if f.endswith(".safetensors"))
+        hint = f" (only in subdirectories: {', '.join(beside[:3])})" if beside else ""
+        raise NoSafetensors(
+            f"no safetensors weights in the checkpoint{hint}; expected {SINGLE_NAME}, or shards with {INDEX_NAME}, "
+            "at the top of the directory or prefix"
+        )
     if "config.json" not in files:
         raise UnsupportedCheckpoint("config.json is missing: it is needed to find the linear layers", path="config.json")
 

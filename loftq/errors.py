@@ -25,10 +25,24 @@ class SourceNotFound(LoftQError):
     code = "source_not_found"
 
 
+class NoSafetensors(SourceNotFound):
+    """The source exists but holds no safetensors weights (and no pickle files either): the
+    wrong directory or prefix, or a repository without a model."""
+
+    code = "no_safetensors"
+
+
 class UnsupportedCheckpoint(LoftQError):
     """A checkpoint we refuse on principle (pickle files) or cannot interpret."""
 
     code = "unsupported_checkpoint"
+
+
+class PickleCheckpoint(UnsupportedCheckpoint):
+    """Weights only as pickle files (pytorch_model.bin, *.pt, *.pkl, ...): unpickling runs
+    arbitrary code, so they are never loaded; the fix is a conversion to safetensors."""
+
+    code = "pickle_checkpoint"
 
 
 class CorruptCheckpoint(LoftQError):
