@@ -22,7 +22,7 @@ from loftq.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_
 from loftq.backbone import Backbone
 from loftq.calibrated import CalibratedConversion, CalibrationResult
 from loftq.checkpoint import INDEX_NAME, SourceCheckpoint, discover
-from loftq.errors import InvalidOptions, LoftQError
+from loftq.errors import CorruptCheckpoint, InvalidOptions
 from loftq.journal import Journal
 from loftq.options import ConvertOptions
 from loftq.quantizers import get_quantizer
@@ -92,11 +92,15 @@ def _checkpoint_keys(source: Source, checkpoint: SourceCheckpoint) -> set[str]:
 
 
 def _read_json(source: Source, name: str) -> dict:
+    """A JSON object from the source; anything else is the checkpoint's fault, not ours."""
     with source.open_local(name) as path:
         try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise LoftQError(f"invalid JSON: {exc}", path=name) from exc
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptCheckpoint(f"invalid JSON: {exc}", path=name) from exc
+    if not isinstance(value, dict):
+        raise CorruptCheckpoint(f"a JSON {type(value).__name__}, not an object", path=name)
+    return value
 
 
 def plan(source: Source, options: ConvertOptions) -> tuple[SourceCheckpoint, dict, ModelLayout]:
@@ -105,7 +109,10 @@ def plan(source: Source, options: ConvertOptions) -> tuple[SourceCheckpoint, dic
     index_text = None
     if INDEX_NAME in files:
         with source.open_local(INDEX_NAME) as path:
-            index_text = path.read_text()
+            try:
+                index_text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorruptCheckpoint(f"invalid index: {exc}", path=INDEX_NAME) from exc
     checkpoint = discover(files, index_text)
     config = _read_json(source, "config.json")
     layout = resolve_layout(config, _checkpoint_keys(source, checkpoint), options)

@@ -71,6 +71,14 @@ def _hashed(chunks: Iterator[memoryview], hasher: Background, digest: hashlib._H
 
 
 def shard_targets(header: SafetensorsHeader, layout: ModelLayout) -> list[Target]:
+    """The shard's targets, after every linear weight in it (targets and copied ones) was
+    checked against the shape config.json gives it."""
+    for name, info in header.tensors.items():
+        expected = layout.weight_shapes.get(name)
+        if expected is not None and name not in layout.targets and tuple(info.shape) != tuple(expected):
+            raise CorruptCheckpoint(
+                f"tensor {name} has shape {list(info.shape)} but config.json implies {list(expected)}", path=header.path
+            )
     targets = [layout.targets[name] for name in header.tensors if name in layout.targets]
     for target in targets:
         _check_target(header, target)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from loftq.errors import NoTargetModules, UnsupportedCheckpoint
+from loftq.errors import CorruptCheckpoint, NoTargetModules, UnsupportedCheckpoint
 from loftq.options import ALL_LINEAR, ConvertOptions
 
 _TASK_TYPES = {
@@ -41,6 +41,10 @@ class ModelLayout:
     targets: dict[str, Target]  # by checkpoint key
     linear_modules: list[str]  # every Linear/Conv1D module, targeted or not
     output_embedding: str | None
+    # Every Linear/Conv1D weight the checkpoint holds, by checkpoint key: the shape it must be
+    # stored with (in×out for Conv1D), so a tensor that contradicts config.json is refused even
+    # when it is not a target and would only be copied.
+    weight_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def build_meta_model(config_dict: dict, *, computed_buffers: bool = False) -> torch.nn.Module:
@@ -110,33 +114,41 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
 
     linear: list[str] = []
     targets: dict[str, Target] = {}
+    weight_shapes: dict[str, tuple[int, int]] = {}
     matched_names: set[str] = set()
     for name, module in model.named_modules():
         is_linear, transposed = _is_linear(module)
         if not is_linear:
             continue
         linear.append(name)
+        key = checkpoint_key(f"{name}.weight", prefix, checkpoint_keys)
+        if key is None:  # tied or absent from this checkpoint
+            continue
+        stored = tuple(module.weight.shape)  # Conv1D's weight is in×out already
+        weight_shapes[key] = stored
         if spec == ALL_LINEAR:
             if name == output_name:
                 continue
         elif not _selected(name, spec):
             continue
-        key = checkpoint_key(f"{name}.weight", prefix, checkpoint_keys)
-        if key is None:  # tied or absent from this checkpoint
-            continue
-        rows, cols = module.weight.shape
-        shape = (cols, rows) if transposed else (rows, cols)
+        shape = (stored[1], stored[0]) if transposed else stored
         targets[key] = Target(module=name, key=key, fan_in_fan_out=transposed, shape=shape)
         if isinstance(spec, list):
             matched_names.update(t for t in spec if name == t or name.endswith("." + t))
 
+    if linear and not weight_shapes:
+        raise CorruptCheckpoint(
+            f"config.json describes a {type(model).__name__} with {len(linear)} linear layers, but the checkpoint holds "
+            f"a weight for none of them (e.g. {linear[0]}.weight): config.json and the weights describe different models",
+            path="config.json",
+        )
     if isinstance(spec, list) and (missing := sorted(set(spec) - matched_names)):
         raise NoTargetModules(f"target_modules {missing} match no linear layer of this model")
     if not targets:
         raise NoTargetModules(f"target_modules={spec!r} matches no linear layer of this model")
     architecture = type(model).__name__
     task_type = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
-    return ModelLayout(architecture, task_type, targets, linear, output_name)
+    return ModelLayout(architecture, task_type, targets, linear, output_name, weight_shapes)
 
 
 def checkpoint_key(param: str, prefix: str, keys: set[str] | dict[str, object]) -> str | None:
