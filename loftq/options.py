@@ -19,6 +19,8 @@ Propagation = Literal["full-precision", "initialised"]
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
 
 ALL_LINEAR = "all-linear"
+_FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
+"""Bits of the fixed-width quantizers (``int`` takes any of 2..8)."""
 
 
 class CalibrationOptions(BaseModel):
@@ -109,11 +111,27 @@ class ConvertOptions(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _alpha_defaults_to_rank(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("lora_alpha") is None:
-            rank = data.get("rank", 16)
-            return {**data, "lora_alpha": rank if isinstance(rank, int) else None}
+    def _defaults_from_other_fields(cls, data: object) -> object:
+        """A null lora_alpha is the default (r); bits left out are the fixed-width quantizer's
+        own (int8 means 8), so only bits that were given can contradict the quantizer."""
+        if not isinstance(data, dict):
+            return data
+        if "lora_alpha" in data and data["lora_alpha"] is None:
+            data = {key: value for key, value in data.items() if key != "lora_alpha"}
+        if data.get("bits") is None:
+            quant = data.get("quant", "nf4")
+            data = {key: value for key, value in data.items() if key != "bits"}
+            if isinstance(quant, str) and quant in _FIXED_BITS:
+                data["bits"] = _FIXED_BITS[quant]
         return data
+
+    @model_validator(mode="after")
+    def _alpha_defaults_to_rank(self) -> ConvertOptions:
+        """After validation, so a rank sent as 8.0 or "8" gives alpha 8 and a bad rank is
+        reported as itself, not as an invalid lora_alpha."""
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.rank))  # frozen: set once, while validating
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -127,7 +145,7 @@ class ConvertOptions(BaseModel):
 
     @model_validator(mode="after")
     def _bits_match_quant(self) -> ConvertOptions:
-        fixed = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
+        fixed = _FIXED_BITS
         if self.quant in fixed and self.bits != fixed[self.quant]:
             raise ValueError(f"quant={self.quant} is a {fixed[self.quant]}-bit format, got bits={self.bits}")
         if self.backbone_format == "bnb-4bit" and self.quant not in ("nf4", "fp4"):
