@@ -615,6 +615,25 @@ class JobStore:
     def release_lease(self, job_id: str, owner: str) -> None:
         self._release(keys=[self._lease_key(job_id)], args=[owner])
 
+    def leased(self, job_id: str) -> bool:
+        """Whether a live worker holds the lease (``part_lease_id`` for a part's)."""
+        return bool(self.client.exists(self._lease_key(job_id)))
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def ids_in_state(self, state: JobState, *, limit: int = 10_000) -> builtins.list[str]:
+        """Ids of every tenant's jobs in ``state``, oldest first."""
+        return self.client.zrangebylex(self._index_key(state=state), "-", "+", start=0, num=limit)
+
+    def part_attempts(self, job_id: str) -> dict[str, int]:
+        """Deliveries so far of each part (keys "0", "1", ...) and of the merge (``MERGE``)."""
+        return {name: int(count) for name, count in self.client.hgetall(self._parts_keys(job_id)[2]).items()}
+
+    def claim_once(self, name: str, ttl_seconds: int) -> bool:
+        """True for the first caller in ``ttl_seconds`` across every process: one API replica
+        sweeps per period, and one lost attempt is handed out once."""
+        return bool(self.client.set(f"{self.prefix}once:{name}", "1", nx=True, ex=max(1, int(ttl_seconds))))
+
     # -- metrics ------------------------------------------------------------------------------
 
     def counts_by_state(self) -> dict[str, int]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import cache
 
 import redis
@@ -18,6 +21,7 @@ from api.queue import JobQueue
 from api.routes import artifacts, health, jobs
 from api.settings import Settings, get_settings
 from api.storage import store_from_settings
+from api.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +79,24 @@ class BodyLimit:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """The sweeper runs beside the routes for the life of the server (api/sweeper.py)."""
+        stopped = threading.Event()
+        if settings.sweep_interval_seconds > 0:
+            sweeper = Sweeper(app.state.store, app.state.queue, app.state.artifacts, settings)
+            threading.Thread(target=sweeper.run_forever, args=(stopped,), daemon=True, name="sweeper").start()
+        try:
+            yield
+        finally:
+            stopped.set()
+
     app = FastAPI(
         title="loftq-service",
         version="0.1.0",
         description="Turn Hugging Face checkpoints into LoftQ checkpoints as jobs.",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     if not settings.api_keys:

@@ -24,7 +24,11 @@ class JobQueue:
         self._redis = redis.Redis.from_url(broker_url)
 
     def enqueue(self, job_id: str) -> None:
-        self.celery.send_task(RUN_JOB, args=[job_id], queue=self.queue)
+        self.send(RUN_JOB, job_id)
+
+    def send(self, task: str, *args: object) -> None:
+        """Any of the worker's tasks by name (the sweeper re-sends parts and merges too)."""
+        self.celery.send_task(task, args=list(args), queue=self.queue)
 
     def depth(self) -> int:
         """Messages waiting (Celery's Redis transport keeps a queue as a list of that name)."""

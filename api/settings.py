@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(6 * 3600, ge=60, description="Longest job; the broker's visibility timeout is above it.")
     lease_seconds: int = Field(60, ge=5, description="A worker renews its job lease this often × 3.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost.")
+    sweep_interval_seconds: float = Field(
+        30,
+        ge=0,
+        description=(
+            "How often the API looks for running jobs whose worker died (lease expired) and hands them out again; "
+            "0 turns the sweeper off."
+        ),
+    )
+    visibility_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Seconds before the broker redelivers an unacknowledged message; unset: job_timeout_seconds + 600. "
+            "A shorter one is safe (the lease stops a second run), only wasteful."
+        ),
+    )
     device: str = Field("auto", description="Worker compute device: auto, cpu, cuda, cuda:N.")
     torch_threads: int | None = Field(
         None,

@@ -14,6 +14,7 @@ from api.settings import get_settings
 from api.queue import MERGE_JOB, RUN_JOB, RUN_PART  # noqa: F401 - the task names (the API sends RUN_JOB)
 
 settings = get_settings()
+visibility_timeout = settings.visibility_timeout_seconds or settings.job_timeout_seconds + 600
 celery_app = Celery("loftq", broker=settings.redis_url, include=["worker.tasks"])
 celery_app.conf.update(
     task_default_queue=settings.queue,
@@ -27,7 +28,13 @@ celery_app.conf.update(
     worker_max_tasks_per_child=1,
     # Redelivery of an unacknowledged job waits for the visibility timeout: keep it above the
     # longest job, or a healthy long job would be delivered twice (the lease stops that too).
-    broker_transport_options={"visibility_timeout": settings.job_timeout_seconds + 600},
+    # Dead workers' jobs come back sooner through the API's sweeper (api/sweeper.py).
+    broker_transport_options={
+        "visibility_timeout": visibility_timeout,
+        # kombu scans for messages past it every interval × throttle seconds (100 s by default).
+        "unacked_restore_interval": min(10, max(1, visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+    },
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )

@@ -25,7 +25,7 @@ from api.jobstore import JobStore
 from api.queue import MERGE_JOB, RUN_PART
 from api.schemas import Job, JobState
 from api.storage import ObjectStore, store_from_settings
-from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event
+from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event, store_outage_tolerated
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ class PartRunner:
         self.settings = runner.settings
 
     def run(self, job_id: str, part: int) -> bool:
-        """False: another worker holds this part's lease; try later (like ``JobRunner.run``)."""
+        """False: another worker holds this part's lease (like ``JobRunner.run``)."""
         if self.store.get(job_id).state.finished:
             return True
         lease = JobStore.part_lease_id(job_id, part)
         ttl = self.settings.lease_seconds
         if not self.store.acquire_lease(lease, self.runner.owner, ttl):
-            log.info("part %d of job %s is leased by another worker; retrying later", part, job_id)
+            log.info("part %d of job %s is leased by another worker; this delivery is dropped", part, job_id)
             return False
         keeper = LeaseKeeper(self.store, lease, self.runner.owner, ttl)
         keeper.start()
@@ -143,7 +143,8 @@ class PartRunner:
     def _merge(self, job_id: str) -> None:
         """The last part merges in its own process, where the engine is imported already
         (a MERGE_JOB message would start another child and import it again: seconds per job).
-        When the job's lease is held elsewhere (a redelivered merge), the message is sent."""
+        When the job's lease is held elsewhere (a redelivered merge), the message is sent; if
+        that holder dies instead of merging, the API's sweeper sends it again (api/sweeper.py)."""
         if not self.runner.run(job_id, merge=True):
             _enqueue(self.runner)(MERGE_JOB, job_id)
 
@@ -158,6 +159,10 @@ class PartRunner:
         started_at = job.started_at or job.created_at
 
         def on_progress(event) -> None:  # loftq.report.ProgressEvent
+            with store_outage_tolerated(f"progress of job {job.id}"):
+                record(event)
+
+        def record(event) -> None:  # loftq.report.ProgressEvent
             elapsed = (datetime.now(timezone.utc) - started_at).total_seconds()
             if event.stage == "layer" and event.layer is not None:
                 self.store.observe_duration("layer", event.layer.seconds)

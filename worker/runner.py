@@ -19,8 +19,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -66,6 +67,17 @@ class LeaseKeeper(threading.Thread):
                 return
 
 
+@contextmanager
+def store_outage_tolerated(what: str) -> Iterator[None]:
+    """Progress, events and metrics are for watchers: a job store that is away for a moment
+    (a restart) must not fail a conversion that is going fine. The lease keeper and the
+    end-state write ride out an outage on their own."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        log.warning("job store unreachable; %s not recorded: %s", what, exc)
+
+
 Enqueue = Callable[..., None]  # enqueue(task name, *args): send a Celery message on the job queue
 
 
@@ -89,15 +101,16 @@ class JobRunner:
         self.keeper: LeaseKeeper | None = None
 
     def run(self, job_id: str, *, merge: bool = False) -> bool:
-        """Run the job unless it has ended. False: another worker holds its lease (a live
-        duplicate delivery, or a dead worker whose lease has not expired yet): try later.
+        """Run the job unless it has ended. False: another worker holds its lease (this is a
+        duplicate delivery, or the holder died and the sweeper will send the job again once
+        its lease has expired).
 
         ``merge``: the last step of a distributed job, after all its parts are done."""
         if self.store.get(job_id).state.finished:
             return True  # a redelivered message for a job that already ended
         ttl = self.settings.lease_seconds
         if not self.store.acquire_lease(job_id, self.owner, ttl):
-            log.info("job %s is leased by another worker; retrying later", job_id)
+            log.info("job %s is leased by another worker; this delivery is dropped", job_id)
             return False
         keeper = self.keeper = LeaseKeeper(self.store, job_id, self.owner, ttl)
         keeper.start()
@@ -138,8 +151,9 @@ class JobRunner:
             summary = job_summary(report)
             if merge:  # the report times the merge alone; the job ran from its start
                 summary.seconds = (datetime.now(timezone.utc) - (job.started_at or job.created_at)).total_seconds()
-            self.store.update_progress(job.id, self._progress(job.id, stage="done"))
-            self.store.observe_duration("job", summary.seconds)
+            with store_outage_tolerated("the final progress"):
+                self.store.update_progress(job.id, self._progress(job.id, stage="done"))
+                self.store.observe_duration("job", summary.seconds)
             self._end(job.id, JobState.succeeded, summary=summary)
         except LeaseLost as exc:
             log.warning("%s; stopping without recording an end", exc)
@@ -171,7 +185,8 @@ class JobRunner:
             nonlocal stop
             if keeper is not None and keeper.lost.is_set():
                 raise LeaseLost(f"job {job_id} is leased by another worker now")
-            stop = stop or self.store.cancel_requested(job_id) or (job_ended and self.store.get(job_id).state.finished)
+            with store_outage_tolerated("a cancellation check"):
+                stop = stop or self.store.cancel_requested(job_id) or (job_ended and self.store.get(job_id).state.finished)
             return stop
 
         return check
@@ -203,27 +218,26 @@ class JobRunner:
             written += event.bytes_written
             if event.blocks_total:  # later (shard) events of a calibrated run do not repeat them
                 blocks_done, blocks_total = event.blocks_done, event.blocks_total
-            if event.stage in ("layer", "calibration") and event.layer is not None:
-                self.store.observe_duration("layer", event.layer.seconds)
-                self.store.add_event(job.id, "layer", layer_event(event))
             elapsed = time.monotonic() - started
             done, total = max(event.layers_done, floor.layers_done), event.layers_total
             eta = elapsed / done * (total - done) if done else None
-            self.store.update_progress(
-                job.id,
-                Progress(
-                    stage=STAGES.get(event.stage, event.stage),
-                    layers_done=done,
-                    layers_total=total,
-                    blocks_done=blocks_done,
-                    blocks_total=blocks_total,
-                    shards_done=max(event.shards_done, floor.shards_done),
-                    shards_total=event.shards_total,
-                    bytes_read=read,
-                    bytes_written=written,
-                    eta_seconds=eta,
-                ),
+            progress = Progress(
+                stage=STAGES.get(event.stage, event.stage),
+                layers_done=done,
+                layers_total=total,
+                blocks_done=blocks_done,
+                blocks_total=blocks_total,
+                shards_done=max(event.shards_done, floor.shards_done),
+                shards_total=event.shards_total,
+                bytes_read=read,
+                bytes_written=written,
+                eta_seconds=eta,
             )
+            with store_outage_tolerated(f"progress of job {job.id}"):
+                if event.stage in ("layer", "calibration") and event.layer is not None:
+                    self.store.observe_duration("layer", event.layer.seconds)
+                    self.store.add_event(job.id, "layer", layer_event(event))
+                self.store.update_progress(job.id, progress)
 
         return convert(
             source,

@@ -30,19 +30,17 @@ def _runner(task) -> JobRunner:
 
 @celery_app.task(name=RUN_JOB, bind=True, **_LIMITS)
 def run_job(self, job_id: str) -> None:
-    if not _runner(self).run(job_id):
-        # Leased elsewhere: a live duplicate (it will finish the job) or a dead worker whose
-        # lease will expire. Come back after a lease period instead of dropping the job.
-        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)
+    # False: leased elsewhere. Either a live worker runs it (this is a duplicate delivery,
+    # e.g. after the broker's visibility timeout) or a dead one held it, and then the API's
+    # sweeper sends it again once the lease has expired (api/sweeper.py). Dropped either way.
+    _runner(self).run(job_id)
 
 
 @celery_app.task(name=RUN_PART, bind=True, **_LIMITS)
 def run_part(self, job_id: str, part: int) -> None:
-    if not PartRunner(_runner(self)).run(job_id, part):
-        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)
+    PartRunner(_runner(self)).run(job_id, part)  # leased elsewhere: dropped, as in run_job
 
 
 @celery_app.task(name=MERGE_JOB, bind=True, **_LIMITS)
 def merge_job(self, job_id: str) -> None:
-    if not _runner(self).run(job_id, merge=True):
-        raise self.retry(countdown=get_settings().lease_seconds, max_retries=None)
+    _runner(self).run(job_id, merge=True)  # leased elsewhere: dropped, as in run_job

@@ -162,7 +162,7 @@ def test_cancel_stops_parts_and_removes_artifacts(env: Env) -> None:
     assert env.take() == [] and not output.exists()
 
 
-def test_a_part_leased_elsewhere_is_retried_later(env: Env) -> None:
+def test_a_part_leased_elsewhere_is_left_to_its_holder(env: Env) -> None:
     job_id = env.create(distributed=True)
     env.runner().run(job_id)
     env.take()

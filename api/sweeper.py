@@ -1,0 +1,122 @@
+"""Hands out again the work of workers that died, or fails it with ``worker_lost``.
+
+A worker holds a lease on the job (or part) it runs and renews it every third of
+``lease_seconds``. A worker killed outright (SIGKILL, the OOM killer, a lost node) stops
+renewing, and once the lease expires its job is ``running`` with nobody working on it. The
+broker would redeliver the unacknowledged message only after its visibility timeout, which
+must stay above the longest job (hours), so the API sweeps instead, every
+``sweep_interval_seconds``: work with an attempt recorded and no lease is sent to the queue
+once more (once per attempt, however many replicas sweep), until ``max_attempts`` deliveries
+have died; then the job fails with ``worker_lost``. The redelivered job resumes from the
+output shards its earlier attempts finished (the engine's journal). A job being cancelled
+whose worker died is finished here: its partial artifacts are removed and it ends cancelled.
+
+Duplicates are harmless by construction: a delivery that finds the lease held, or the job
+ended, does nothing (worker/tasks.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from api.errors import InvalidTransition
+from api.jobstore import MERGE, JobStore
+from api.queue import MERGE_JOB, RUN_JOB, RUN_PART, JobQueue
+from api.schemas import ErrorInfo, Job, JobState
+from api.settings import Settings
+from api.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    redelivered: list[str] = field(default_factory=list)  # "job_x", "job_x part 2", "job_x merge"
+    failed: list[str] = field(default_factory=list)  # job ids ended worker_lost
+    cancelled: list[str] = field(default_factory=list)
+
+
+class Sweeper:
+    def __init__(self, store: JobStore, queue: JobQueue, artifacts: ObjectStore, settings: Settings) -> None:
+        self.store, self.queue, self.artifacts, self.settings = store, queue, artifacts, settings
+
+    def sweep(self) -> SweepResult:
+        result = SweepResult()
+        for state in (JobState.running, JobState.cancelling):
+            for job_id in self.store.ids_in_state(state):
+                try:
+                    self._sweep_job(self.store.get(job_id), result)
+                except Exception:  # one odd record must not stop the others from being swept
+                    log.exception("could not sweep job %s", job_id)
+        return result
+
+    def _sweep_job(self, job: Job, result: SweepResult) -> None:
+        store = self.store
+        if job.state not in (JobState.running, JobState.cancelling) or store.leased(job.id):
+            return
+        parts = store.parts(job.id) if job.request.distributed else {}
+        if any(store.leased(JobStore.part_lease_id(job.id, number)) for number in parts):
+            return
+        if job.state is JobState.cancelling:
+            self._finish_cancel(job, result)
+            return
+        if not parts:  # a plain job, or a distributed one whose worker died while planning
+            self._redeliver(job, "job", job.attempts, (RUN_JOB, job.id), result)
+            return
+        attempts = store.part_attempts(job.id)
+        done = store.parts_done(job.id)
+        if len(done) == len(parts):
+            self._redeliver(job, MERGE, attempts.get(MERGE, 0), (MERGE_JOB, job.id), result)
+            return
+        for number in parts:
+            # A part never delivered yet is waiting in the queue: nothing was lost.
+            if number not in done and attempts.get(str(number), 0) > 0:
+                self._redeliver(job, f"part {number}", attempts[str(number)], (RUN_PART, job.id, number), result)
+
+    def _redeliver(self, job: Job, what: str, attempts: int, message: tuple, result: SweepResult) -> None:
+        if attempts >= self.settings.max_attempts:
+            text = f"{what} was delivered {attempts} times and its worker died each time (LOFTQ_MAX_ATTEMPTS)"
+            try:
+                self.store.transition(job.id, JobState.failed, error=ErrorInfo(code="worker_lost", message=text))
+            except InvalidTransition:
+                return
+            log.warning("job %s: %s; failed with worker_lost", job.id, text)
+            result.failed.append(job.id)
+            return
+        # One redelivery per lost attempt: the next delivery raises the count, and a message
+        # still waiting behind other jobs is not sent again on every sweep.
+        if not self.store.claim_once(f"redeliver:{job.id}:{what}:{attempts}", self.settings.job_retention_seconds):
+            return
+        log.warning("job %s: the worker of %s (attempt %d) is gone; sending it again", job.id, what, attempts)
+        self.store.add_event(job.id, "redelivered", {"work": what, "attempt": attempts})
+        self.queue.send(*message)
+        result.redelivered.append(job.id if what == "job" else f"{job.id} {what}")
+
+    def _finish_cancel(self, job: Job, result: SweepResult) -> None:
+        try:
+            self.artifacts.delete_prefix(job.output)
+        except Exception:
+            log.exception("could not remove the partial artifacts of cancelled job %s", job.id)
+            return  # the next sweep tries again; the job stays cancelling, not cancelled with leftovers
+        try:
+            self.store.transition(job.id, JobState.cancelled)
+        except InvalidTransition:
+            return
+        result.cancelled.append(job.id)
+
+    def run_forever(self, stopped: threading.Event) -> None:
+        """Sweep every interval; one replica per period does it (a claim in the job store)."""
+        interval = self.settings.sweep_interval_seconds
+        while not stopped.wait(interval):
+            try:
+                period = int(self.store.client.time()[0] // interval)
+                if self.store.claim_once(f"sweep:{period}", int(interval) + 1):
+                    self.sweep()
+            except redis.RedisError as exc:
+                log.warning("sweep skipped, job store unreachable: %s", exc)
+            except Exception:
+                log.exception("sweep failed")
