@@ -51,6 +51,15 @@ class ArtifactNotFound(ServiceError):
     code = "artifact_not_found"
 
 
+class MalformedJson(ServiceError):
+    """A body that is not JSON at all (a syntax error, bytes that are not UTF-8, nesting or a
+    number too large to parse): 400, apart from 422 ``invalid_request``, which is JSON that
+    does not fit the request's schema."""
+
+    status = 400
+    code = "malformed_json"
+
+
 class InvalidSource(ServiceError):
     status = 422
     code = "invalid_source"
@@ -61,6 +70,17 @@ class InvalidRequest(ServiceError):
 
     status = 422
     code = "invalid_request"
+
+
+def request_validation_error(problems: list[dict]) -> ServiceError:
+    """FastAPI's request validation problems as a service error: a body that could not be
+    parsed is ``malformed_json``, anything else ``invalid_request`` naming every field."""
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            position = problem.get("loc", ("body", "?"))[-1]
+            reason = (problem.get("ctx") or {}).get("error") or problem.get("msg", "")
+            return MalformedJson(f"the body is not valid JSON: {reason} (at character {position})")
+    return InvalidRequest("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems))
 
 
 class InvalidCalibrationSource(ServiceError):

@@ -40,6 +40,7 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
+        max_length=2048,
         description="s3://bucket/prefix/, file:///path under an allowed root, or hf://org/name[@revision].",
         examples=["s3://models/llama-3-8b/", "file:///models/minilm"],
     )

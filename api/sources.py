@@ -23,6 +23,7 @@ CALIBRATION_SUFFIXES = (".txt", ".jsonl")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_REVISION = re.compile(r"[A-Za-z0-9._/-]+")
+_BARE_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 # --------------------------------------------------------------------------- URIs
@@ -66,7 +67,10 @@ def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in schemes:
-        shown = scheme if sep else "(none)"
+        bare = _BARE_SCHEME.match(uri)  # data:..., mailto:... have no "//"
+        shown = scheme if sep else bare.group(1).lower() if bare else "(none)"
+        if shown in schemes:
+            raise InvalidSource(f"{uri!r}: '//' is missing after '{shown}:'; use {forms}")
         raise InvalidSource(f"{uri!r}: unsupported scheme {shown}; use {forms}")
     return scheme, rest
 
