@@ -747,8 +747,28 @@ def test_k8s_env_sources_exist() -> None:
         used_secrets = {e["secretRef"]["name"] for e in env_from if "secretRef" in e}
         assert used_maps and used_maps <= configmaps
         assert used_secrets and used_secrets <= secrets
-    secret = _one("Secret")
+    secret = _one("Secret", "loftq-s3")
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+
+
+def test_k8s_api_keys_reach_the_api_only_and_the_placeholder_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.auth import hash_key
+    from api.settings import Settings
+
+    keys = _one("Secret", "loftq-api-keys")["stringData"]["LOFTQ_API_KEYS"]
+    monkeypatch.setenv("LOFTQ_API_KEYS", keys)
+    configured = Settings().api_keys
+    assert configured, "the API would run open"
+    assert hash_key("REPLACE_ME") not in configured and hash_key("") not in configured
+    refs = lambda d: {e["secretRef"]["name"] for e in _container(d)["envFrom"] if "secretRef" in e}  # noqa: E731
+    assert "loftq-api-keys" in refs(_api_deployment()) and "loftq-api-keys" not in refs(_worker_deployment())
+
+
+def test_compose_api_is_open_only_on_loopback() -> None:
+    api = _compose()["services"]["api"]
+    assert "LOFTQ_API_KEYS" in api["environment"]
+    published = [_resolve_interpolation(str(p)) for p in api["ports"]]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
     assert all(k.startswith(PREFIX) for k in _one("ConfigMap")["data"])
 
 
