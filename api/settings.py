@@ -25,6 +25,19 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); AWS when unset.")
     s3_region: str = Field("us-east-1")
     presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned download URLs.")
+    s3_max_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description=(
+            "Attempts per S3 request, the first included: 5xx errors, throttling (SlowDown) and connection errors or "
+            "resets are retried with jittered exponential backoff; once they are spent a job fails with "
+            "storage_unavailable (the API answers 503)."
+        ),
+    )
+    s3_retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard", description="botocore retry mode; adaptive also slows this client's request rate while throttled."
+    )
 
     allowed_file_roots: list[Path] = Field(default_factory=list, description="Directories file:// sources may read.")
     work_dir: Path = Field(Path("./loftq-data/work"), description="Worker scratch space (one source shard at a time).")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +32,13 @@ from loftq.errors import LoftQError, SourceNotFound, UnsafePath
 from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
 from api.settings import Settings
 from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match, parse_calibration_uri, parse_source_uri
-from api.storage import ObjectStore, S3ObjectStore, StoredObject, UnsafeKey, sha256_file, safe_key
+from api.storage import ObjectStore, S3ObjectStore, StorageUnavailable, StoredObject, UnsafeKey, s3_store, sha256_file, safe_key
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+"""loftq.converter.MANIFEST_NAME, the file that says a checkpoint is complete (importing the
+converter here would import torch)."""
 
 
 def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
@@ -46,7 +53,7 @@ def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
     else:
         scratch.mkdir(parents=True, exist_ok=True)
         if parsed[0] == "s3":
-            source = S3Source(parsed[1], parsed[2], scratch, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+            source = S3Source(parsed[1], parsed[2], scratch, store=s3_store(settings, parsed[1]))
         else:
             source = HubSource(parsed[1], parsed[2] or None, scratch)
     size = source.total_bytes()
@@ -130,6 +137,8 @@ class S3Source:
             key_prefix = f"{self.prefix}/" if self.prefix else ""
             try:
                 stored = self.store.list(key_prefix)
+            except StorageUnavailable as exc:
+                raise StorageUnavailable(f"reading the source {self.name}: {exc.message}") from exc
             except Exception as exc:
                 code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
                 if code in ("NoSuchBucket", "404", "AccessDenied", "403"):
@@ -162,6 +171,8 @@ class S3Source:
                 self.store.download_file(entry[0], path)
             except FileNotFoundError as exc:
                 raise SourceNotFound("file disappeared from the bucket", path=f"{self.name}/{name}") from exc
+            except StorageUnavailable as exc:
+                raise StorageUnavailable(f"reading the source {self.name}: {exc.message}") from exc
             yield path
 
 
@@ -248,7 +259,7 @@ def fetch_calibration_data(uri: str, settings: Settings, scratch: Path, *, store
         _check_size(uri, _local_calibration_bytes(uri, path, list(settings.allowed_file_roots)), limit)
         return path
     if store is None:
-        store = S3ObjectStore(location.bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        store = s3_store(settings, location.bucket)
     objects = _calibration_objects(uri, location, store)
     _check_size(uri, sum(obj.size for _, obj in objects), limit)
     scratch = Path(scratch)
@@ -346,7 +357,13 @@ def _calibration_objects(uri: str, location: CalibrationLocation, store: ObjectS
 class ObjectStoreDestination:
     """Engine output under ``prefix`` in an ObjectStore, staged one file at a time in
     ``scratch``: each file is uploaded (with its sha256 as metadata) and deleted locally as
-    soon as the engine publishes it."""
+    soon as the engine publishes it.
+
+    Storage that stays unavailable must never leave a manifest.json claiming a complete
+    checkpoint: once any upload has failed, the manifest is refused (the engine may carry on
+    past a failed upload it considers optional, the per-layer plot); a manifest whose own upload
+    failed is deleted again (the store may have kept it while the reply was lost). The files
+    uploaded before the failure stay, without a manifest, for a resumed run to reuse."""
 
     def __init__(self, store: ObjectStore, prefix: str, scratch: Path) -> None:
         self.store = store
@@ -355,6 +372,8 @@ class ObjectStoreDestination:
             safe_key(self.prefix)
         self.scratch = Path(scratch)
         self.staging_root = self.scratch / "staging"
+        self.failure: StorageUnavailable | None = None  # the first upload that failed
+        self.complete = False  # the manifest is published
 
     def key(self, name: str) -> str:
         name = _checkpoint_name(name)
@@ -365,13 +384,41 @@ class ObjectStoreDestination:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _output(self) -> str:
+        return f"{self.prefix}/" if self.prefix else "the bucket root"
+
     def publish(self, name: str, sha256: str | None = None) -> None:
         path = self.staging_root / _checkpoint_name(name)
         if not path.is_file():
             raise LoftQError("publish called for a file that was never staged", path=name)
-        self.store.upload_file(path, self.key(name), sha256=sha256 or sha256_file(path))
+        if name == MANIFEST_NAME and self.failure is not None:
+            raise StorageUnavailable(
+                f"{MANIFEST_NAME} not written: the output under {self._output()} is incomplete, "
+                f"an earlier upload failed: {self.failure.message}"
+            )
+        try:
+            self.store.upload_file(path, self.key(name), sha256=sha256 or sha256_file(path))
+        except StorageUnavailable as exc:
+            withdrawn = name != MANIFEST_NAME or self._withdraw_manifest()
+            state = f"has no {MANIFEST_NAME}" if withdrawn else f"may hold a {MANIFEST_NAME} that could not be deleted"
+            error = StorageUnavailable(f"{exc.message}; the output under {self._output()} is incomplete and {state}")
+            if self.failure is None:
+                self.failure = error
+            raise error from exc
         path.unlink()
         self._prune(path.parent)
+        if name == MANIFEST_NAME:
+            self.complete = True
+
+    def _withdraw_manifest(self) -> bool:
+        """Delete a manifest whose upload reported failure (the store may hold it anyway, the
+        reply having been lost); False if that failed too."""
+        try:
+            self.store.delete(self.key(MANIFEST_NAME))
+        except Exception:
+            log.exception("could not delete %s after its upload failed", self.key(MANIFEST_NAME))
+            return False
+        return True
 
     def _prune(self, directory: Path) -> None:
         """Remove staging subdirectories left empty. The staging root stays: the engine stages
@@ -401,6 +448,14 @@ class ObjectStoreDestination:
             yield path
 
     def remove(self, name: str) -> None:
+        """Delete a published file or directory. After the manifest, what is removed is
+        outside it (the journal): the checkpoint is complete and a storage failure here is
+        logged, not raised."""
         key = self.key(name)
-        self.store.delete(key)
-        self.store.delete_prefix(key + "/")
+        try:
+            self.store.delete(key)
+            self.store.delete_prefix(key + "/")
+        except StorageUnavailable as exc:
+            if not self.complete:
+                raise
+            log.warning("left %s behind after a complete conversion: %s", key, exc.message)
