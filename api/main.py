@@ -30,6 +30,18 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path answers to: Starlette's 405 names only the first
+    route that matched the path (POST for /v1/jobs, which also has GET). The routers' own
+    routes are read because the app's list holds the included routers, not their routes."""
+    methods: set[str] = set()
+    for route in (*request.app.router.routes, *jobs.router.routes, *artifacts.router.routes, *health.router.routes):
+        regex, allowed = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and allowed and regex.match(request.scope["path"]):
+            methods |= allowed
+    return ", ".join(sorted(methods))
+
+
 class BodyLimit:
     """413 ``request_too_large`` for a body above ``limit`` bytes: at once when Content-Length
     announces it; a body without one is read here first, never more than ``limit`` + one
@@ -118,9 +130,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(redis.RedisError)
     async def store_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:

@@ -10,12 +10,14 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import ArtifactsDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ArtifactNotFound, JobNotFinished
-from api.schemas import Artifact, ArtifactList, Job, JobState
-from api.storage import ObjectStore
+from api.routes.jobs import JOB_ERRORS
+from api.schemas import Artifact, ArtifactList, Job, JobState, error_responses
+from api.storage import ObjectStore, StorageUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+ARTIFACT_ERRORS = error_responses(*JOB_ERRORS, ArtifactNotFound, JobNotFinished, StorageUnavailable)
 
 
 def _manifest(job: Job, artifacts: ObjectStore) -> tuple[dict[str, Artifact], bytes]:
@@ -29,7 +31,7 @@ def _manifest(job: Job, artifacts: ObjectStore) -> tuple[dict[str, Artifact], by
     return files, raw
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ARTIFACT_ERRORS)
 def list_artifacts(
     job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep, settings: SettingsDep, tenant: TenantDep
 ) -> ArtifactList:
@@ -48,7 +50,21 @@ def list_artifacts(
     return ArtifactList(job_id=job_id, artifacts=listed)
 
 
-@router.get("/{job_id}/artifacts/files/{path:path}", name="download_artifact")
+@router.get(
+    "/{job_id}/artifacts/files/{path:path}",
+    name="download_artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's bytes.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "headers": {
+                "X-Checksum-SHA256": {"description": "sha256 of the file, from the manifest.", "schema": {"type": "string"}},
+            },
+        },
+        **ARTIFACT_ERRORS,
+    },
+)
 def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: ArtifactsDep, tenant: TenantDep) -> StreamingResponse:
     """Stream one file from storage. Only files named by the manifest are served."""
     job = store.get(job_id, tenant=tenant)

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from api.deps import ArtifactsDep, QueueDep, StoreDep
+from api.errors import Unavailable
+from api.schemas import Readiness, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +20,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Something is down."}})
 def readyz(store: StoreDep, queue: QueueDep, artifacts: ArtifactsDep) -> JSONResponse:
     """Broker, job store and storage reachable: 200, else 503 naming what is down."""
     checks = {"job_store": store.ping(), "broker": queue.ping(), "storage": artifacts.ping()}
@@ -43,7 +45,14 @@ class _ServiceCollector:
             yield HistogramMetricFamily(f"loftq_{kind}_duration_seconds", help_text, buckets=buckets, sum_value=total)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(Unavailable),
+    },
+)
 def metrics(store: StoreDep, queue: QueueDep) -> Response:
     registry = CollectorRegistry()
     registry.register(_ServiceCollector(store, queue))

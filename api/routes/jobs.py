@@ -11,18 +11,64 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import DEFAULT_TENANT, tenant_prefix
 from api.deps import QueueDep, SettingsDep, StoreDep, TenantDep
-from api.errors import InvalidRequest, TooManyRequests, Unavailable
+from api.errors import (
+    IdempotencyKeyReused,
+    InvalidCalibrationSource,
+    InvalidRequest,
+    InvalidSource,
+    JobNotFound,
+    RequestTooLarge,
+    ServiceError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from api.jobstore import JobStore
-from api.schemas import ErrorInfo, EventPage, Job, JobCreate, JobPage, JobState
+from api.schemas import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState, error_responses
 from api.settings import Settings
 from api.sources import check_job_inputs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 HEARTBEAT_MS = 15_000
 EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
+_STREAM_ID_PART_MAX = 2**64 - 1
+CALLER_ERRORS = (Unauthorized, InvalidRequest, Unavailable)
+"""What any /v1/jobs route may answer: no valid key, a malformed request, the job store down."""
+JOB_ERRORS = (*CALLER_ERRORS, JobNotFound)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": Event.model_json_schema()},
+    },
+}
+"""One event of the stream (OpenAPI 3.2's itemSchema): ``data`` is the Event as JSON."""
+SUBMIT_RESPONSES = {
+    202: {
+        "headers": {
+            "Location": {"description": "The job's URL, /v1/jobs/{id}.", "schema": {"type": "string"}},
+            "Idempotent-Replayed": {
+                "description": "true when an Idempotency-Key replay returned the job created before.",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        }
+    },
+    **error_responses(
+        *CALLER_ERRORS,
+        (ServiceError, "malformed_json"),  # a body that does not parse as JSON
+        InvalidSource,
+        InvalidCalibrationSource,
+        IdempotencyKeyReused,
+        RequestTooLarge,
+        (TooManyRequests, "rate_limited"),
+        (TooManyRequests, "too_many_queued_jobs"),
+    ),
+}
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=Job, responses=SUBMIT_RESPONSES)
 def create_job(
     body: JobCreate,
     response: Response,
@@ -86,7 +132,7 @@ def _check_limits(store: JobStore, settings: Settings, tenant: str) -> None:
         )
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=error_responses(*CALLER_ERRORS))
 def list_jobs(
     store: StoreDep,
     tenant: TenantDep,
@@ -98,20 +144,32 @@ def list_jobs(
     return store.list(limit=limit, after=after, state=state, tenant=tenant)
 
 
-@router.get("/{job_id}", response_model=Job)
+@router.get("/{job_id}", response_model=Job, responses=error_responses(*JOB_ERRORS))
 def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """Another tenant's job is 404 job_not_found, as if it did not exist."""
     return store.get(job_id, tenant=tenant)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Job)
+@router.post(
+    "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Job, responses=error_responses(*JOB_ERRORS)
+)
 def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """Ask a job to stop (checked between layers). Idempotent; a no-op on finished jobs."""
     store.get(job_id, tenant=tenant)  # a job never changes tenant, so checking first is enough
     return store.request_cancel(job_id)
 
 
-@router.get("/{job_id}/events", response_model=EventPage)
+def _event_cursor(after: str | None) -> str | None:
+    """422 for a cursor no event can follow: Redis stream ids are two 64-bit numbers, and
+    the store would refuse a larger one (or the largest) with an error, not an answer."""
+    if after is not None:
+        parts = [int(part) for part in after.split("-")]
+        if max(parts) > _STREAM_ID_PART_MAX or min(parts) == _STREAM_ID_PART_MAX:
+            raise InvalidRequest(f"after: {after!r} is not an event id (two numbers below 2^64, as in next_after)")
+    return after
+
+
+@router.get("/{job_id}/events", response_model=EventPage, responses=error_responses(*JOB_ERRORS))
 def list_events(
     job_id: str,
     store: StoreDep,
@@ -120,11 +178,22 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> EventPage:
     """Per-layer progress and state changes; pass ``next_after`` back as ``after``."""
+    after = _event_cursor(after)
     store.get(job_id, tenant=tenant)
     return store.events(job_id, after=after, limit=limit)
 
 
-@router.get("/{job_id}/events/stream")
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-sent events (id, event, data: the event as JSON) and heartbeat comments.",
+            "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+        },
+        **error_responses(*JOB_ERRORS),
+    },
+)
 def stream_events(
     job_id: str,
     store: StoreDep,
@@ -132,6 +201,7 @@ def stream_events(
     after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None,
 ) -> StreamingResponse:
     """The same events as server-sent events; the stream ends when the job has ended."""
+    after = _event_cursor(after)
     store.get(job_id, tenant=tenant)
 
     def frames() -> Iterator[str]:
