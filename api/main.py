@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import RequestTooLarge, ServiceError
+from api.errors import MalformedJson, RequestTooLarge, ServiceError, request_validation_error
 from api.jobstore import JobStore
 from api.queue import JobQueue
 from api.routes import artifacts, health, jobs
@@ -126,11 +126,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, "invalid_request", problems)
+        error = request_validation_error(exc.errors())
+        return _error(error.status, error.code, error.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # Starlette could not parse the body before validation
+            error = MalformedJson("the body could not be parsed as JSON (not UTF-8, nested too deeply, or a number too large)")
+            return _error(error.status, error.code, error.message, exc.headers)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 405:

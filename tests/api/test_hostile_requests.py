@@ -74,11 +74,6 @@ MALFORMED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api/main.py must map RequestValidationError through api.errors.request_validation_error and FastAPI's "
-    "400 body-parse HTTPException to MalformedJson (today: 422 invalid_request, or 400 http_error)",
-)
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_bodies_are_400_malformed_json(api: TestClient, case: str) -> None:
     response = api.post("/v1/jobs", content=MALFORMED[case], headers={"Content-Type": "application/json"})
