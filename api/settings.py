@@ -78,6 +78,15 @@ class Settings(BaseSettings):
             "(the machine's cores). Set it when several CPU workers share a machine, e.g. 1 per worker per core."
         ),
     )
+    worker_memory_limit_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description=(
+            "Address space one job may add to its worker process once the engine is loaded (RLIMIT_AS in the pool "
+            "child, worker/limits.py): above it allocations fail and the job ends out_of_memory, so one job cannot "
+            "exhaust a shared host. Unset: no limit. CPU workers only; run them with MALLOC_ARENA_MAX=2."
+        ),
+    )
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
 
     api_keys: Annotated[dict[str, str], NoDecode] = Field(

@@ -9,7 +9,6 @@ its parts (worker/distributed.py), then, once every part is done, as the merge
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import math
 import os
@@ -261,9 +260,12 @@ class JobRunner:
         self._end(job.id, JobState.cancelled)
 
     def fail(self, job: Job, exc: Exception, artifacts: ObjectStore) -> None:
-        """End the job with the error code of ``exc`` (a cancellation ends it cancelled)."""
+        """End the job with the error code of ``exc`` (a cancellation ends it cancelled);
+        running out of memory or disk is recognised through wrappers (worker/limits.py)."""
         from celery.exceptions import SoftTimeLimitExceeded
         from loftq.errors import Cancelled, LoftQError
+
+        from worker.limits import exhausted_resource
 
         if isinstance(exc, Cancelled):
             self.cancel(job, artifacts)
@@ -274,10 +276,9 @@ class JobRunner:
             self._end(job.id, JobState.failed, ErrorInfo(code=exc.code, message=str(exc)))
         elif isinstance(exc, ServiceError):
             self._end(job.id, JobState.failed, ErrorInfo(code=exc.code, message=exc.message))
-        elif isinstance(exc, MemoryError):
-            self._end(job.id, JobState.failed, ErrorInfo(code="out_of_memory", message="the worker ran out of memory"))
-        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            self._end(job.id, JobState.failed, ErrorInfo(code="disk_full", message=str(exc)))
+        elif (exhausted := exhausted_resource(exc)) is not None:
+            log.warning("job %s failed: %s", job.id, exhausted.message)
+            self._end(job.id, JobState.failed, exhausted)
         else:
             log.exception("job %s failed", job.id)
             self._end(job.id, JobState.failed, ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"))

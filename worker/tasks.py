@@ -3,10 +3,13 @@ the runners do the work."""
 
 from __future__ import annotations
 
+from celery.signals import task_prerun
+
 from api.jobstore import JobStore
 from api.settings import get_settings
 from worker.celery_app import MERGE_JOB, RUN_JOB, RUN_PART, celery_app
 from worker.distributed import PartRunner
+from worker.limits import apply_memory_limit
 from worker.runner import JobRunner
 
 
@@ -15,6 +18,13 @@ _settings = get_settings()
 # a child that does not return, so a hung download cannot hold a GPU worker forever. A part and
 # the merge each get the job's limits.
 _LIMITS = {"soft_time_limit": _settings.job_timeout_seconds, "time_limit": _settings.job_timeout_seconds + 120}
+
+
+@task_prerun.connect
+def _limit_memory(**_: object) -> None:
+    """LOFTQ_WORKER_MEMORY_LIMIT_BYTES, set in the pool child before each task (one per child):
+    a job that needs more memory fails out_of_memory instead of exhausting the host."""
+    apply_memory_limit(get_settings())
 
 
 def _enqueue(name: str, *args: object) -> None:
