@@ -406,9 +406,10 @@ def _convert(
     )
     try:  # a plot is a convenience: a failure to draw it must not fail the conversion
         write_layer_plot(report.to_dict(), destination.staging_path(PLOT_NAME))
-        outputs.publish(PLOT_NAME)
     except Exception as exc:  # noqa: BLE001 - matplotlib fails in many ways (fonts, cache dirs)
         report.warnings.append(f"the per-layer plot could not be drawn: {exc}")
+    else:  # a drawn plot is an artifact like any other: failing to store it fails the job
+        outputs.publish(PLOT_NAME)
     outputs.write_json(REPORT_NAME, report.to_dict())
     manifest = {"files": sorted(outputs.files.values(), key=lambda f: f["path"])}
     destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

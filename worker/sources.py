@@ -80,7 +80,7 @@ def _confined_local_source() -> type:
         def open_local(self, name: str) -> Iterator[Path]:
             with super().open_local(name) as path:
                 if file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
-                    raise LoftQError("file leads outside the allowed file roots", path=name)
+                    raise UnsafePath("file leads outside the allowed file roots", path=name)
                 yield path
 
         def total_bytes(self) -> int:

@@ -174,11 +174,6 @@ def test_a_source_that_left_the_roots_after_submission_is_invalid_source(env: En
     assert error.code == "invalid_source" and "outside the allowed file roots" in error.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/sources.py's ConfinedLocalSource.open_local raises a bare LoftQError (loftq_error); "
-    "it should raise loftq.errors.UnsafePath",
-)
 def test_a_file_in_the_source_linking_outside_the_roots_is_unsafe_path(env: Env) -> None:
     model = env.model(env.bert)
     outside = Path(shutil.copy(model / "config.json", env.tmp / "config.json"))
