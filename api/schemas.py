@@ -201,7 +201,7 @@ class JobPage(BaseModel):
 
 class Event(BaseModel):
     id: str  # stream cursor, pass as ``after=``
-    type: str  # "state" or "layer" or "progress"
+    type: str  # "state", "layer", "progress" or "redelivered" (the sweeper sent lost work again)
     time: datetime
     data: dict
 
