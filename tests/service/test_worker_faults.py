@@ -34,7 +34,7 @@ MEMORY_ALLOWANCE = 2 << 30
 """Address space a job may add to its pool child (LOFTQ_WORKER_MEMORY_LIMIT_BYTES): well above
 what converting MiniLM adds (about 0.45 GiB with MALLOC_ARENA_MAX=2: transformers' import,
 thread stacks, malloc arenas), well below the 4 GiB that reading ``big_layer``'s MLP needs."""
-SLOW = {"iters": 4, "svd": "exact"}  # 1-4 s per MiniLM layer on 2 cores: a job is mid-layer when hit
+SLOW = {"iters": 8, "svd": "exact"}  # 0.2-0.5 s per MiniLM layer on 2 idle cores, seconds on a busy one
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
