@@ -101,9 +101,8 @@ class PartRunner:
     def _run_leased(self, job: Job, part: int, keeper: LeaseKeeper) -> None:
         artifacts = store_from_settings(self.settings)
         work = self.runner._work_dir()
-        prefix = f"{job.id}.part{part}-"  # not matched by the job's own f"{job.id}-*" clean-up
-        for leftover in work.glob(f"{prefix}*"):  # scratch of an attempt that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
+        prefix = f"{job.id}.part{part}-"
+        self.runner.remove_abandoned_scratch(JobStore.part_lease_id(job.id, part))
         if job.state.finished:
             return
         if job.state is JobState.cancelling or self.store.cancel_requested(job.id):

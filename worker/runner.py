@@ -122,8 +122,7 @@ class JobRunner:
 
     def _run_leased(self, job: Job, *, merge: bool = False) -> None:
         artifacts = store_from_settings(self.settings)
-        for leftover in self._work_dir().glob(f"{job.id}-*"):  # scratch of an attempt that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.remove_abandoned_scratch(job.id)
         if job.state.finished:
             return
         if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
@@ -157,6 +156,9 @@ class JobRunner:
         except LeaseLost as exc:
             log.warning("%s; stopping without recording an end", exc)
         except Exception as exc:  # every failure must end the job with a reason
+            if self.keeper is not None and self.keeper.lost.is_set():  # not ours to end any more
+                log.warning("job %s failed after its lease was lost (%s); stopping without recording an end", job.id, exc)
+                return
             self.fail(job, exc, artifacts)
 
     def worker_lost(self, job_id: str, attempts: int) -> None:
@@ -166,6 +168,23 @@ class JobRunner:
     def _work_dir(self) -> Path:
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         return self.settings.work_dir
+
+    def remove_abandoned_scratch(self, mine: str) -> None:
+        """Scratch of attempts that died (``{job}-*``, ``{job}.part{n}-*``) is removed by the next
+        task on this worker, whichever job it runs: a scratch directory is made only under its
+        lease and removed before the lease is released, so one without a held lease belongs to
+        nobody, and one under ``mine`` (the lease this task holds) is an earlier attempt's. A
+        job that ends worker_lost is never delivered again to clean up after itself."""
+        for entry in self._work_dir().glob("job_*"):
+            job_id, dot, rest = entry.name.split("-", 1)[0].partition(".part")
+            lease = JobStore.part_lease_id(job_id, int(rest)) if dot and rest.isdigit() else job_id
+            try:
+                abandoned = lease == mine or not self.store.leased(lease)
+            except redis.RedisError:
+                return  # unknown: keep everything until the next task
+            if abandoned:
+                log.info("removing scratch of an attempt that died: %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
 
     def options(self, job: Job):  # -> loftq.options.ConvertOptions
         """The job's engine options on this worker's device."""

@@ -41,3 +41,27 @@ def test_keeper_reports_a_lease_taken_by_another_worker(store: JobStore) -> None
     assert keeper.lost.wait(5)
     keeper.join(5)
     assert not keeper.is_alive()
+
+
+def test_scratch_without_a_held_lease_is_removed_by_any_later_task(store: JobStore, tmp_path) -> None:
+    from api.settings import Settings
+    from worker.runner import JobRunner
+
+    runner = JobRunner(store, Settings(redis_url="redis://unused", work_dir=tmp_path))
+    ids = [store.create(JobCreate(source="s3://bucket/model/")).id for _ in range(3)]
+    mine, alive, dead = ids
+    scratch = {
+        "mine, an earlier attempt": tmp_path / f"{mine}-a1",
+        "alive": tmp_path / f"{alive}-b2",
+        "alive part": tmp_path / f"{alive}.part3-c3",
+        "dead": tmp_path / f"{dead}-d4",
+        "dead part": tmp_path / f"{alive}.part1-e5",
+        "not scratch": tmp_path / "notes",
+    }
+    for path in scratch.values():
+        (path / "output").mkdir(parents=True)
+    assert store.acquire_lease(mine, "me", 30)
+    assert store.acquire_lease(alive, "other", 30)
+    assert store.acquire_lease(JobStore.part_lease_id(alive, 3), "other", 30)
+    runner.remove_abandoned_scratch(mine)
+    assert {name for name, path in scratch.items() if path.exists()} == {"alive", "alive part", "not scratch"}
