@@ -330,6 +330,90 @@ def _wait_until(predicate: Callable[[], bool], what: str, processes: list[subpro
     raise TimeoutError(what)
 
 
+def api_app(redis_url: str, tmp_path: Path, name: str, *, db: int = 2, **settings):
+    """The API in this process (FastAPI app) on a queue nobody consumes, with a job store key
+    prefix of its own, local artifacts under ``tmp_path``; ``settings`` are Settings fields."""
+    import uuid
+
+    from api.jobstore import JobStore
+    from api.main import create_app
+    from api.settings import Settings
+
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    config = Settings(
+        **{"redis_url": redis_url.replace("/0", f"/{db}"), "queue": tag, "local_storage_root": tmp_path / "artifacts", **settings}
+    )
+    app = create_app(config)
+    app.state.store = JobStore.from_url(config.redis_url, prefix=f"{tag}:")
+    return app
+
+
+def s3_client(endpoint: str):
+    """boto3 on moto's server with the test credentials."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def upload_models(s3, bucket: str, models: dict[str, Path]) -> None:
+    """Each checkpoint directory's files under ``bucket/<name>/``."""
+    for name, model in models.items():
+        for path in model.iterdir():
+            if path.is_file():
+                s3.upload_file(str(path), bucket, f"{name}/{path.name}")
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def service_env(redis_url: str, queue: str, bucket: str, s3_endpoint: str, work: Path, **settings: str) -> dict[str, str]:
+    """The environment of an API and workers set up like production: artifacts in S3 (moto),
+    scratch under ``work``, CPU, nothing from the Hub. ``settings`` adds LOFTQ_* values by
+    field name (``lease_seconds="5"``). Each module takes its own queue and Redis database."""
+    return {
+        **os.environ,
+        **S3_TEST_CREDENTIALS,
+        "LOFTQ_REDIS_URL": redis_url,
+        "LOFTQ_QUEUE": queue,
+        "LOFTQ_STORAGE": "s3",
+        "LOFTQ_S3_BUCKET": bucket,
+        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
+        "LOFTQ_WORK_DIR": str(work / "scratch"),
+        "LOFTQ_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        **{f"LOFTQ_{name.upper()}": value for name, value in settings.items()},
+    }
+
+
+def start_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
+    """A Celery worker process with one pool child on ``env``'s queue, in a process group of
+    its own: it is stopped, or killed, together with its child."""
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+         "--concurrency", "1", "--loglevel", "INFO", "-Q", env["LOFTQ_QUEUE"], "--hostname", f"{name}@%h"],
+        env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def stop_processes(api: subprocess.Popen | None, workers: list[subprocess.Popen]) -> None:
+    """SIGTERM to the API and to each worker's group, SIGKILL to whatever is still up 30 s later."""
+    import signal
+
+    if api is not None:
+        api.terminate()
+    running = [worker for worker in workers if worker.poll() is None]
+    for worker in running:
+        os.killpg(worker.pid, signal.SIGTERM)
+    for process in ([api] if api is not None else []) + running:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL) if process in running else process.kill()
+            process.wait(10)
+
+
 @pytest.fixture(scope="session")
 def wait_until() -> Callable[..., None]:
     """For tests that start real server and worker processes."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from conftest import api_app
 from api.auth import hash_key
 from api.embedded import app as serve_app
 from api.embedded import auth_line, bind_refusal
@@ -36,14 +36,7 @@ A, B = _auth(KEY_A), _auth(KEY_B)
 
 
 def _app(redis_url: str, tmp_path: Path, **settings) -> TestClient:
-    base = dict(
-        redis_url=redis_url.replace("/0", "/3"),
-        queue=f"auth-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-    )
-    app = create_app(Settings(**{**base, **settings}))
-    app.state.store = JobStore.from_url(base["redis_url"], prefix=f"auth-{uuid.uuid4().hex[:8]}:")
-    return TestClient(app)
+    return TestClient(api_app(redis_url, tmp_path, "auth", db=3, **settings))
 
 
 @pytest.fixture

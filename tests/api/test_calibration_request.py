@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import api_app
 from api.errors import InvalidCalibrationSource, InvalidRequest
-from api.jobstore import JobStore
-from api.main import create_app
 from api.schemas import Job, JobCreate, JobSummary, Progress
 from api.settings import Settings
 from api.sources import CalibrationLocation, check_job_inputs, needs_calibration_data, parse_calibration_uri
@@ -121,15 +119,7 @@ def test_calibration_data_is_kept_with_the_job_and_old_records_still_load() -> N
 def api(redis_url: str, tmp_path: Path) -> TestClient:
     roots = tmp_path / "data"
     (roots / "calib").mkdir(parents=True)
-    settings = Settings(
-        redis_url=redis_url.replace("/0", "/2"),
-        queue=f"calib-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-        allowed_file_roots=[roots],
-    )
-    app = create_app(settings)
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=f"calib-{uuid.uuid4().hex[:8]}:")
-    with TestClient(app) as client:
+    with TestClient(api_app(redis_url, tmp_path, "calib", allowed_file_roots=[roots])) as client:
         client.roots = roots
         yield client
 

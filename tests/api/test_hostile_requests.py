@@ -6,17 +6,14 @@ names it lacks) is accepted here and fails the job (tests/worker/test_hostile_jo
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import api_app
 from api.errors import InvalidRequest, MalformedJson, request_validation_error
-from api.jobstore import JobStore
-from api.main import create_app
-from api.settings import Settings
 
 SOURCE = "s3://models/llama/"
 
@@ -26,14 +23,7 @@ def api(redis_url: str, tmp_path: Path) -> Iterator[TestClient]:
     roots = tmp_path / "models"
     (roots / "bert").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
-    settings = Settings(
-        redis_url=redis_url.replace("/0", "/2"),
-        queue=f"hostile-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-        allowed_file_roots=[roots],
-    )
-    app = create_app(settings)
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=f"hostile-{uuid.uuid4().hex[:8]}:")
+    app = api_app(redis_url, tmp_path, "hostile", allowed_file_roots=[roots])
     with TestClient(app, raise_server_exceptions=False) as client:
         client.tmp = tmp_path
         yield client
@@ -193,11 +183,7 @@ def test_file_uris_outside_the_allowed_roots(api: TestClient) -> None:
 
 
 def test_file_uris_when_no_roots_are_configured(redis_url: str, tmp_path: Path) -> None:
-    settings = Settings(redis_url=redis_url.replace("/0", "/2"), queue=f"hostile-{uuid.uuid4().hex[:8]}",
-                        local_storage_root=tmp_path / "artifacts", allowed_file_roots=[])
-    app = create_app(settings)
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=f"hostile-{uuid.uuid4().hex[:8]}:")
-    with TestClient(app) as api:
+    with TestClient(api_app(redis_url, tmp_path, "hostile", allowed_file_roots=[])) as api:
         _refused(api, {"source": f"file://{tmp_path}"}, 422, "invalid_source", "file:// URIs are disabled")
 
 

@@ -4,15 +4,12 @@ the document declares."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from api.jobstore import JobStore
-from api.main import create_app
-from api.settings import Settings
+from conftest import api_app
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 MAX = 2**64 - 1
@@ -20,14 +17,7 @@ MAX = 2**64 - 1
 
 @pytest.fixture
 def api(redis_url: str, tmp_path: Path) -> TestClient:
-    settings = Settings(
-        redis_url=redis_url.replace("/0", "/6"),
-        queue=f"conformance-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-    )
-    app = create_app(settings)
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=f"conformance-{uuid.uuid4().hex[:8]}:")
-    with TestClient(app) as client:
+    with TestClient(api_app(redis_url, tmp_path, "conformance", db=6)) as client:
         yield client
 
 

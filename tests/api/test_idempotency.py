@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import api_app
 from api.errors import IdempotencyKeyReused
 from api.jobstore import JobStore
-from api.main import create_app
 from api.schemas import JobCreate
-from api.settings import Settings
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 
@@ -25,12 +24,7 @@ def store(redis_url: str) -> JobStore:
 
 @pytest.fixture
 def api(redis_url: str, tmp_path: Path, store: JobStore) -> TestClient:
-    settings = Settings(
-        redis_url=redis_url.replace("/0", "/2"),
-        queue=f"idem-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-    )
-    app = create_app(settings)
+    app = api_app(redis_url, tmp_path, "idem")
     app.state.store = store
     with TestClient(app) as client:
         yield client

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from api.jobstore import JobStore
-from api.main import create_app
+from conftest import api_app
 from api.settings import Settings
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 
 
 def _api(redis_url: str, tmp_path: Path, **limits: int) -> TestClient:
-    settings = Settings(
-        redis_url=redis_url.replace("/0", "/2"),
-        queue=f"limits-{uuid.uuid4().hex[:8]}",  # nobody consumes it
-        local_storage_root=tmp_path / "artifacts",
-        **limits,
-    )
-    app = create_app(settings)
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=f"limits-{uuid.uuid4().hex[:8]}:")
-    return TestClient(app)
+    return TestClient(api_app(redis_url, tmp_path, "limits", **limits))
 
 
 def test_a_body_above_the_limit_is_413_announced_or_streamed(redis_url: str, tmp_path: Path) -> None:

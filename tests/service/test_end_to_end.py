@@ -7,16 +7,16 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
+
+from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
 
 
 BUCKET = "artifacts"
@@ -31,45 +31,21 @@ def stack(
     work = tmp_path_factory.mktemp("service")
     files_root = work / "files"
     files_root.mkdir()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LOFTQ_REDIS_URL": redis_url.replace("/0", "/1"),
-        "LOFTQ_QUEUE": "loftq-e2e",
-        "LOFTQ_STORAGE": "s3",
-        "LOFTQ_S3_BUCKET": BUCKET,
-        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
-        "LOFTQ_WORK_DIR": str(work / "scratch"),
-        "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(files_root)]),
-        "LOFTQ_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-    }
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    env = service_env(
+        redis_url.replace("/0", "/1"), "loftq-e2e", BUCKET, s3_endpoint, work, allowed_file_roots=json.dumps([str(files_root)])
+    )
+    s3 = s3_client(s3_endpoint)
     for bucket in (BUCKET, MODELS):
         s3.create_bucket(Bucket=bucket)
-    for name, model in (("tiny-bert", tiny_bert), ("tiny-llama", tiny_llama)):
-        for path in model.iterdir():
-            s3.upload_file(str(path), MODELS, f"{name}/{path.name}")
+    upload_models(s3, MODELS, {"tiny-bert": tiny_bert, "tiny-llama": tiny_llama})
 
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-         "--concurrency", "1", "--loglevel", "INFO", "-Q", "loftq-e2e", "--hostname", "e2e@%h"],
-        env=env, stdout=open(work / "worker.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,  # its pool children are stopped with it
-    )
-    api, base = start_api(env, work / "api.log")
+    worker = start_worker(env, work / "worker.log", "e2e")
+    api = None
     try:
+        api, base = start_api(env, work / "api.log")
         yield {"base": base, "s3": s3, "files_root": files_root, "logs": work}
     finally:
-        api.terminate()
-        os.killpg(worker.pid, signal.SIGTERM)
-        for process in (api, worker):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL) if process is worker else process.kill()
+        stop_processes(api, [worker])
 
 
 def _poll(client: httpx.Client, job_id: str, *, until: set[str], timeout: float = 240) -> tuple[dict, list[dict]]:

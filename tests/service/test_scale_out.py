@@ -5,18 +5,14 @@ process, moto's S3 server and uvicorn on loopback (like test_end_to_end.py)."""
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 
 from api.jobstore import JobStore
+from conftest import s3_client, service_env, start_worker, stop_processes
 
 BUCKET = "scale-artifacts"
 MODELS = "scale-models"
@@ -30,50 +26,23 @@ MODEL_FILES = {"config.json", "model.safetensors.index.json", "loftq_init/adapte
 def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, wait_until, start_api) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("scale-out")
     redis_db = redis_url.rsplit("/", 1)[0] + "/2"
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LOFTQ_REDIS_URL": redis_db,
-        "LOFTQ_QUEUE": QUEUE,
-        "LOFTQ_STORAGE": "s3",
-        "LOFTQ_S3_BUCKET": BUCKET,
-        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
-        "LOFTQ_DEVICE": "cpu",
-        "LOFTQ_TORCH_THREADS": "1",
-        "LOFTQ_LEASE_SECONDS": "5",
-        "HF_HUB_OFFLINE": "1",
-    }
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    env = service_env(redis_db, QUEUE, BUCKET, s3_endpoint, work, torch_threads="1", lease_seconds="5")
+    s3 = s3_client(s3_endpoint)
     for bucket in (BUCKET, MODELS):
         s3.create_bucket(Bucket=bucket)
     for path in tiny_llama.iterdir():
         s3.upload_file(str(path), MODELS, f"llama/{path.name}")
 
-    workers = []
-    for name in WORKERS:  # each with its own scratch space, as if on its own machine
-        log = work / f"{name}.log"
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-             "--concurrency", "1", "--loglevel", "INFO", "-Q", QUEUE, "--hostname", f"{name}@%h"],
-            env={**env, "LOFTQ_WORK_DIR": str(work / name)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ))
-    api, base = start_api(env, work / "api.log")
+    # Each worker with its own scratch space, as if on its own machine.
+    workers = [start_worker({**env, "LOFTQ_WORK_DIR": str(work / name)}, work / f"{name}.log", name) for name in WORKERS]
+    api = None
     try:
+        api, base = start_api(env, work / "api.log")
         # Both workers consuming before anything is sent, so both can take parts.
         wait_until(lambda: all(b"ready." in (work / f"{n}.log").read_bytes() for n in WORKERS), "workers ready", workers)
         yield {"base": base, "store": JobStore.from_url(redis_db), "logs": work}
     finally:
-        api.terminate()
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGTERM)
-        for process in (api, *workers):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL) if process in workers else process.kill()
+        stop_processes(api, workers)
 
 
 def _artifacts(client: httpx.Client, job_id: str) -> dict[str, str]:

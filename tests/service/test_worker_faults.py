@@ -14,17 +14,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 import torch
 
 from api.schemas import ErrorInfo
+from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
 from worker.limits import exhausted_resource
 
 BUCKET = "faults-artifacts"
@@ -50,58 +49,26 @@ def stack(
     files_root.mkdir()
     scratch = work / "scratch"
     scratch.mkdir()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LOFTQ_REDIS_URL": redis_url.replace("/0", "/7"),
-        "LOFTQ_QUEUE": QUEUE,
-        "LOFTQ_STORAGE": "s3",
-        "LOFTQ_S3_BUCKET": BUCKET,
-        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
-        "LOFTQ_WORK_DIR": str(scratch),
-        "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(files_root)]),
-        "LOFTQ_DEVICE": "cpu",
-        "LOFTQ_LEASE_SECONDS": "5",
-        "LOFTQ_MAX_ATTEMPTS": "1",
-        "LOFTQ_SWEEP_INTERVAL_SECONDS": "1",
-        "LOFTQ_WORKER_MEMORY_LIMIT_BYTES": str(MEMORY_ALLOWANCE),
-        "MALLOC_ARENA_MAX": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = service_env(
+        redis_url.replace("/0", "/7"), QUEUE, BUCKET, s3_endpoint, work,
+        allowed_file_roots=json.dumps([str(files_root)]), lease_seconds="5", max_attempts="1",
+        sweep_interval_seconds="1", worker_memory_limit_bytes=str(MEMORY_ALLOWANCE),
+    ) | {"MALLOC_ARENA_MAX": "2"}
     log = work / "worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-         "--concurrency", "1", "--loglevel", "INFO", "-Q", QUEUE, "--hostname", "faults@%h"],
-        env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    worker = start_worker(env, log, "faults")
     api = None
     try:
-        s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3 = s3_client(s3_endpoint)
         for bucket in (BUCKET, MODELS):
             s3.create_bucket(Bucket=bucket)
-        for name, model in (("tiny-bert", tiny_bert), ("minilm", minilm)):
-            for path in model.iterdir():
-                if path.is_file():
-                    s3.upload_file(str(path), MODELS, f"{name}/{path.name}")
+        upload_models(s3, MODELS, {"tiny-bert": tiny_bert, "minilm": minilm})
         shutil.copytree(minilm, files_root / "minilm")  # read in place: no download before the layers
         api, base = start_api(env, work / "api.log")
         wait_until(lambda: b"ready." in log.read_bytes(), "worker ready", [worker])
         with httpx.Client(base_url=base, timeout=30) as client:
             yield {"client": client, "s3": s3, "files_root": files_root, "scratch": scratch, "worker": worker, "work": work}
     finally:
-        if api is not None:
-            api.terminate()
-        os.killpg(worker.pid, signal.SIGTERM)
-        for process in (api, worker):
-            if process is None:
-                continue
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL) if process is worker else process.kill()
-                process.wait(10)
+        stop_processes(api, [worker])
 
 
 def _submit(client: httpx.Client, source: str, options: dict | None = None) -> str:

@@ -9,18 +9,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 import torch
 
 from api.redis_server import start_redis_server
-from conftest import _llama
+from conftest import s3_client, _llama, service_env, start_worker, stop_processes
 
 BUCKET = "recovery"
 TIMED = {"loftq_report.json", "loftq_layers.png", "manifest.json"}  # these hold timings
@@ -41,12 +39,7 @@ class Stack:
         self.client = httpx.Client(base_url=self.base, timeout=30)
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-             "--concurrency", "1", "--loglevel", "INFO", "-Q", self.env["LOFTQ_QUEUE"], "--hostname", f"{name}@%h"],
-            env={**self.env, **env}, stdout=open(self.work / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True,  # one process group: parent and pool child die together
-        )
+        worker = start_worker({**self.env, **env}, self.work / f"{name}.log", name)
         self.workers.append(worker)
         return worker
 
@@ -110,12 +103,7 @@ class Stack:
 
     def close(self) -> None:
         self.client.close()
-        self.api.terminate()
-        self.stop_workers()
-        try:
-            self.api.wait(30)
-        except subprocess.TimeoutExpired:
-            self.api.kill()
+        stop_processes(self.api, self.workers)
         self.redis.terminate()
         self.redis.wait(10)
 
@@ -128,26 +116,13 @@ def stack(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, start_api)
         models / "llama", seed=3, dtype=torch.float32, max_shard_size="1MB",
         hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_key_value_heads=4,
     )
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LOFTQ_QUEUE": "loftq-recovery",
-        "LOFTQ_STORAGE": "s3",
-        "LOFTQ_S3_BUCKET": BUCKET,
-        "LOFTQ_S3_ENDPOINT_URL": s3_endpoint,
-        "LOFTQ_WORK_DIR": str(work / "scratch"),
-        "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(models)]),
-        "LOFTQ_DEVICE": "cpu",
-        "LOFTQ_TORCH_THREADS": "1",
-        "LOFTQ_LEASE_SECONDS": "5",
-        "LOFTQ_SWEEP_INTERVAL_SECONDS": "1",
-        "LOFTQ_MAX_ATTEMPTS": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = service_env(
+        "redis://unset", "loftq-recovery", BUCKET, s3_endpoint, work,  # Stack starts the job store
+        allowed_file_roots=json.dumps([str(models)]), torch_threads="1", lease_seconds="5",
+        sweep_interval_seconds="1", max_attempts="2",
+    )
     stack = Stack(work, env, start_api, model, s3)
     try:
         yield stack
