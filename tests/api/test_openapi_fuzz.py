@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
 import uuid
 from collections import Counter, defaultdict
@@ -33,6 +32,7 @@ from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 from api.auth import hash_key  # noqa: E402
 from api.jobstore import JobStore  # noqa: E402
 from api.schemas import JobState, JobSummary  # noqa: E402
+from conftest import stop_processes  # noqa: E402
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "loftq-hypothesis"))
@@ -84,11 +84,7 @@ def fuzz_api(redis_url: str, start_api: Callable, tmp_path_factory: pytest.TempP
         _finish(JobStore.from_url(url), succeeded, work / "artifacts", jobs[2]["output"])
         yield {"base": base, "log": work / "api.log", "queued": queued, "cancelled": cancelled, "succeeded": succeeded}
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_processes(process, [])
 
 
 def _document() -> dict:
