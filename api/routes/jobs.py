@@ -17,8 +17,8 @@ from api.errors import (
     InvalidRequest,
     InvalidSource,
     JobNotFound,
+    MalformedJson,
     RequestTooLarge,
-    ServiceError,
     TooManyRequests,
     Unauthorized,
     Unavailable,
@@ -57,7 +57,7 @@ SUBMIT_RESPONSES = {
     },
     **error_responses(
         *CALLER_ERRORS,
-        (ServiceError, "malformed_json"),  # a body that does not parse as JSON
+        MalformedJson,
         InvalidSource,
         InvalidCalibrationSource,
         IdempotencyKeyReused,
