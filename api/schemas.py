@@ -39,7 +39,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: str = Field(
         max_length=2048,

@@ -32,7 +32,7 @@ class CalibrationOptions(BaseModel):
     to ``seq_len``. The held-out sequences are drawn first and never used for fitting.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     samples: int = Field(64, ge=1, le=4096, description="Calibration sequences (N).")
     seq_len: int = Field(512, ge=8, le=32768, description="Tokens per sequence (L); capped at the model's maximum length.")
@@ -62,12 +62,12 @@ class CalibrationOptions(BaseModel):
 class ConvertOptions(BaseModel):
     """Everything that decides the numbers in a LoftQ checkpoint."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     quant: QuantName = Field("nf4", description="Quantizer family: nf4, fp4, int8 (row-wise), int (uniform block-wise), nf2, nf3.")
     bits: int = Field(4, ge=2, le=8, description="Bits per weight. nf4/fp4 are 4, int8 is 8, nf2/nf3 are 2/3, int takes 2..8.")
     blocksize: int = Field(64, ge=16, le=4096, description="Elements per absmax block (block-wise quantizers).")
-    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    rank: int = Field(16, ge=1, le=1 << 16, description="LoRA rank r (at most the smaller side of every target layer).")
     lora_alpha: float = Field(None, gt=0, description="LoRA alpha (default: r); scaling = alpha/r (alpha/sqrt(r) with rslora).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     iters: int = Field(1, ge=1, le=100, description="LoftQ alternating iterations T.")

@@ -225,3 +225,23 @@ def test_nothing_is_queued_for_a_refused_request(api: TestClient) -> None:
         api.post("/v1/jobs", json=body)
     api.post("/v1/jobs", content=json.dumps({"source": SOURCE})[:-1], headers={"Content-Type": "application/json"})
     assert api.get("/v1/jobs").json()["jobs"] == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (b'{"rank": ' + b"9" * 401 + b"}", "options.rank"),  # beyond any float: no overflow inside validation
+        (b'{"rank": 65537}', "options.rank"),
+        (b'{"lora_alpha": Infinity}', "options.lora_alpha"),
+        (b'{"lora_alpha": NaN}', "options.lora_alpha"),
+        (b'{"damping": -Infinity}', "options.damping"),
+    ],
+    ids=["rank beyond a float", "rank beyond any layer", "infinite alpha", "NaN alpha", "infinite damping"],
+)
+def test_numbers_no_layer_can_use_are_422_naming_the_field(api: TestClient, options: bytes, field: str) -> None:
+    body = b'{"source": "s3://models/llama/", "options": ' + options + b"}"
+    response = api.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and field in error["message"], error
+    assert api.get("/v1/jobs").json()["jobs"] == []
