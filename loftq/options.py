@@ -7,6 +7,7 @@ setting means the same thing and is checked the same way everywhere.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -141,6 +142,11 @@ class ConvertOptions(BaseModel):
                 raise ValueError("target_modules list must hold non-empty module names")
         elif not value.strip():
             raise ValueError("target_modules must not be empty")
+        elif value != ALL_LINEAR:
+            try:  # refused here, before a job is queued, rather than when the model is read
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"target_modules is not a valid regular expression: {exc}") from None
         return value
 
     @model_validator(mode="after")

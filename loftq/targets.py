@@ -105,13 +105,7 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_name = next((n for n, m in model.named_modules() if output is not None and m is output), None)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    spec = options.target_modules
-    if isinstance(spec, str) and spec != ALL_LINEAR:
-        try:
-            re.compile(spec)
-        except re.error as exc:
-            raise NoTargetModules(f"target_modules is not a valid regular expression: {exc}") from exc
-
+    spec = options.target_modules  # a regex was compiled once already, by ConvertOptions
     linear: list[str] = []
     targets: dict[str, Target] = {}
     weight_shapes: dict[str, tuple[int, int]] = {}

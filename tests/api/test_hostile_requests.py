@@ -235,10 +235,11 @@ def test_nothing_is_queued_for_a_refused_request(api: TestClient) -> None:
         (b'{"lora_alpha": Infinity}', "options.lora_alpha"),
         (b'{"lora_alpha": NaN}', "options.lora_alpha"),
         (b'{"damping": -Infinity}', "options.damping"),
+        (b'{"target_modules": "(q|k"}', "options.target_modules"),
     ],
-    ids=["rank beyond a float", "rank beyond any layer", "infinite alpha", "NaN alpha", "infinite damping"],
+    ids=["rank beyond a float", "rank beyond any layer", "infinite alpha", "NaN alpha", "infinite damping", "invalid regex"],
 )
-def test_numbers_no_layer_can_use_are_422_naming_the_field(api: TestClient, options: bytes, field: str) -> None:
+def test_options_no_model_can_use_are_422_naming_the_field(api: TestClient, options: bytes, field: str) -> None:
     body = b'{"source": "s3://models/llama/", "options": ' + options + b"}"
     response = api.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text

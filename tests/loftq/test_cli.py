@@ -69,7 +69,7 @@ def test_targets_by_name(tiny_llama: Path, tmp_path: Path) -> None:
         (["--quant", "nf4", "--bits", "3"], "invalid_options"),
         (["--quant", "int", "--bits", "9"], "invalid_options"),
         (["--target", "nope"], "no_target_modules"),
-        (["--target-regex", "(unclosed"], "no_target_modules"),
+        (["--target-regex", "(unclosed"], "invalid_options"),
         (["--rank", "4096"], "invalid_options"),
     ],
 )

@@ -298,7 +298,7 @@ def test_target_regex(tiny_llama: Path) -> None:
     assert modules == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
 
 
-@pytest.mark.parametrize("spec", [["nope"], ["q_proj", "nope"], r"nothing\.matches.*", "("])
+@pytest.mark.parametrize("spec", [["nope"], ["q_proj", "nope"], r"nothing\.matches.*"])
 def test_no_target_modules(tiny_llama: Path, tmp_path: Path, spec) -> None:
     with pytest.raises(NoTargetModules):
         convert_directory(tiny_llama, tmp_path, _options(target_modules=spec))
