@@ -210,12 +210,8 @@ class JobRunner:
         return check
 
     def _convert(self, job: Job, scratch: Path, artifacts: ObjectStore, *, trust_parts: bool = False):  # -> loftq.report.Report
-        # The engine (and torch) are imported here, in the worker's child process only.
-        from loftq.converter import convert
-
         from worker.sources import ObjectStoreDestination, fetch_calibration_data, open_source
 
-        apply_torch_threads(self.settings)
         options = self.options(job)
         calibration_data = None
         if job.request.calibration_data is not None:
@@ -223,6 +219,11 @@ class JobRunner:
             calibration_data = fetch_calibration_data(job.request.calibration_data, self.settings, scratch / "calibration")
         source = open_source(job.request.source, self.settings, scratch / "source")
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
+        # The engine (and torch) are imported here, in the worker's child process only, and
+        # after the source is found: a job whose source is missing fails without the import.
+        from loftq.converter import convert
+
+        apply_torch_threads(self.settings)
         started = time.monotonic()
         # A merge starts from what the parts counted: its engine run re-counts the reused
         # shards' layers from 0 and reads and writes little itself.
