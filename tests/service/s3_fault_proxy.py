@@ -25,7 +25,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -199,21 +199,20 @@ class _Handler(BaseHTTPRequestHandler):
                         yield trailer
                         if trailer in (b"\r\n", b"\n", b""):
                             return
-                remaining = size + 2  # the data and its CRLF
-                while remaining:
-                    piece = self.rfile.read(min(remaining, _PIECE))
-                    if not piece:
-                        return
-                    remaining -= len(piece)
-                    yield piece
-        else:
-            remaining = int(self.headers.get("Content-Length") or 0)
-            while remaining:
-                piece = self.rfile.read(min(remaining, _PIECE))
-                if not piece:
+                if not (yield from self._exactly(size + 2)):  # the data and its CRLF
                     return
-                remaining -= len(piece)
-                yield piece
+        else:
+            yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+
+    def _exactly(self, size: int) -> Generator[bytes, None, bool]:
+        """``size`` bytes of the request in pieces; returns False when the client hung up first."""
+        while size:
+            piece = self.rfile.read(min(size, _PIECE))
+            if not piece:
+                return False
+            size -= len(piece)
+            yield piece
+        return True
 
     def _body_half(self) -> None:
         """Read about half the request body (for a reset in the middle of the upload)."""
