@@ -31,11 +31,10 @@ from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_f
 from loftq.plot import PLOT_NAME, write_layer_plot
 from loftq.pipeline import Background, Prefetch
 from loftq.shard import LayerFitter, ShardResult, convert_shard, fit_concurrency, weight_space_fitter
-from loftq.storage import Destination, Source
+from loftq.storage import MANIFEST_NAME, Destination, Source
 from loftq.targets import ModelLayout, resolve_layout
 
 REPORT_NAME = "loftq_report.json"
-MANIFEST_NAME = "manifest.json"
 REPORT_FORMAT_VERSION = 2  # 2: objective and output errors per layer, calibration, evaluation
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -18,6 +18,10 @@ from typing import Protocol
 
 from loftq.errors import SourceNotFound, UnsafePath
 
+MANIFEST_NAME = "manifest.json"
+"""Written last, listing every file with its sha256: a destination holding it holds a complete
+checkpoint (here, torch-free, for the service's destinations as well as the converter)."""
+
 
 class Source(Protocol):
     name: str  # recorded as base_model_name_or_path

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loftq.errors import LoftQError, SourceNotFound, UnsafePath
+from loftq.storage import MANIFEST_NAME
 
 from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
 from api.settings import Settings
@@ -36,9 +37,6 @@ from api.storage import ObjectStore, S3ObjectStore, StorageUnavailable, StoredOb
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-"""loftq.converter.MANIFEST_NAME, the file that says a checkpoint is complete (importing the
-converter here would import torch)."""
 
 
 def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
@@ -360,9 +358,9 @@ class ObjectStoreDestination:
     soon as the engine publishes it.
 
     Storage that stays unavailable must never leave a manifest.json claiming a complete
-    checkpoint: once any upload has failed, the manifest is refused (the engine may carry on
-    past a failed upload it considers optional, the per-layer plot); a manifest whose own upload
-    failed is deleted again (the store may have kept it while the reply was lost). The files
+    checkpoint: once any upload has failed, the manifest is refused, whatever the caller does
+    after the failure; a manifest whose own upload failed is deleted again (the store may have
+    kept it while the reply was lost). The files
     uploaded before the failure stay, without a manifest, for a resumed run to reuse."""
 
     def __init__(self, store: ObjectStore, prefix: str, scratch: Path) -> None:

@@ -120,12 +120,6 @@ def test_settings_reach_the_client(s3_endpoint: str, aws_env: None) -> None:
     assert Settings().s3_max_attempts == 5 and Settings().s3_retry_mode == "standard"
 
 
-def test_manifest_name_matches_the_engine() -> None:
-    from loftq.converter import MANIFEST_NAME as ENGINE_MANIFEST
-
-    assert MANIFEST_NAME == ENGINE_MANIFEST
-
-
 # --------------------------------------------------------------------------- the store through the proxy
 
 
