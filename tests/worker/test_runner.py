@@ -65,3 +65,25 @@ def test_scratch_without_a_held_lease_is_removed_by_any_later_task(store: JobSto
     assert store.acquire_lease(JobStore.part_lease_id(alive, 3), "other", 30)
     runner.remove_abandoned_scratch(mine)
     assert {name for name, path in scratch.items() if path.exists()} == {"alive", "alive part", "not scratch"}
+
+
+@pytest.mark.parametrize("lease_lost", [False, True])
+def test_a_failure_after_the_lease_was_lost_records_no_end(store: JobStore, tmp_path, lease_lost: bool) -> None:
+    """The worker that owns the job now records its end; a failure of the one that lost it
+    (its scratch removed underneath it, say) must not end the job as failed."""
+    from api.schemas import JobState
+    from api.settings import Settings
+    from worker.runner import JobRunner
+
+    settings = Settings(redis_url="redis://unused", work_dir=tmp_path / "work", allowed_file_roots=[tmp_path])
+    runner = JobRunner(store, settings)
+    job = store.create(JobCreate(source=f"file://{tmp_path}/missing"))
+    runner.keeper = LeaseKeeper(store, job.id, runner.owner, 30)
+    if lease_lost:
+        runner.keeper.lost.set()
+    runner._run_leased(store.get(job.id))
+    job = store.get(job.id)
+    if lease_lost:
+        assert job.state is JobState.running and job.error is None
+    else:
+        assert job.state is JobState.failed and job.error.code == "source_not_found"
