@@ -18,10 +18,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import Unauthorized
+from api.text import escape_unsafe, unsafe_message
 
 DEFAULT_TENANT = "default"
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")  # \Z: "$" would let a trailing newline through
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def hash_key(key: str) -> str:
@@ -52,6 +53,9 @@ def parse_api_keys(value: object) -> dict[str, str]:
     for entry in entries:
         tenant, sep, digest = str(entry).strip().rpartition(":")
         digest = digest.lower()
+        problem = unsafe_message(tenant)
+        if problem:  # named, so that a tenant spoofing another in the logs is plain to see
+            raise ValueError(f"API key entry for tenant '{escape_unsafe(tenant)}': the tenant name {problem}")
         if not sep or not TENANT_PATTERN.match(tenant) or not _HASH.match(digest):
             raise ValueError(
                 "each API key entry is tenant:sha256hex (tenant: lower-case letters, digits, - and _; "

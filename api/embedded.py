@@ -63,12 +63,11 @@ def serve(
     device: Annotated[str, typer.Option(help="Worker device: auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
     """Start the embedded Redis-compatible server, one worker and the API; Ctrl-C stops all three."""
-    import uvicorn
-
     from pydantic import ValidationError
 
     from api.main import create_app
     from api.redis_server import start_redis_server
+    from api.server import run as run_api
     from api.settings import Settings
 
     try:
@@ -88,6 +87,7 @@ def serve(
         "LOFTQ_STORAGE": "local",
         "LOFTQ_LOCAL_STORAGE_ROOT": str(data_dir / "artifacts"),
         "LOFTQ_WORK_DIR": str(data_dir / "work"),
+        "LOFTQ_DATA_DIR": str(data_dir),  # never a file:// source, though it lies under the default root
         "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(r) for r in roots]),
         "LOFTQ_DEVICE": device,
         # Bound beyond loopback (keys configured), the address clients use may differ from --host.
@@ -98,7 +98,9 @@ def serve(
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
          "--concurrency", "1", "--loglevel", "INFO", "-Q", settings.queue, "--hostname", "embedded@%h"],
-        env={**os.environ, **env},
+        # Two malloc arenas: the per-job memory limit counts address space, and glibc reserves
+        # 64 MiB per arena, up to 8 per core (worker/limits.py).
+        env={**os.environ, **env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")},
         start_new_session=True,  # Ctrl-C reaches the API only; the worker is stopped in order below
     )
     typer.echo(f"loftq-service on http://{host}:{port}; data in {data_dir}", err=True)
@@ -108,7 +110,7 @@ def serve(
     # one would end this process on the spot and leave the worker and the job store running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        run_api(create_app(settings), settings, host=host, port=port, log_level="info")
     finally:
         # The worker first (its running job records how it ended), the job store last.
         os.killpg(worker.pid, signal.SIGTERM)

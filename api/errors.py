@@ -30,6 +30,15 @@ class RequestTooLarge(ServiceError):
     code = "request_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """A request (its headers, or its body) that did not arrive in time: the client is too slow
+    or stalled (LOFTQ_REQUEST_HEADER_TIMEOUT_SECONDS, LOFTQ_REQUEST_BODY_TIMEOUT_SECONDS)."""
+
+    status = 408
+    code = "request_timeout"
+    headers = {"Connection": "close"}  # the rest of the request is never read
+
+
 class TooManyRequests(ServiceError):
     """A per-tenant limit (submission rate, queued jobs); ``Retry-After`` says when to retry."""
 
@@ -132,3 +141,12 @@ class InvalidTransition(ServiceError):
 class Unavailable(ServiceError):
     status = 503
     code = "unavailable"
+
+
+class Overloaded(ServiceError):
+    """The API process serves LOFTQ_MAX_CONNECTIONS connections or requests already (answered
+    by the HTTP server in api/server.py before the app sees the request)."""
+
+    status = 503
+    code = "overloaded"
+    headers = {"Retry-After": "1", "Connection": "close"}

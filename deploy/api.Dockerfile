@@ -27,7 +27,8 @@ RUN pip install \
         "pydantic-settings>=2.2" \
         "prometheus-client>=0.20" \
         "typer>=0.12" \
-        "rich>=13"
+        "rich>=13" \
+        "google-re2>=1.1"
 
 # The project itself (engine, API, worker packages; the worker package is small and holds the
 # Celery app the API enqueues through). Installed into site-packages, then the sources go.
@@ -48,4 +49,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# api.server is uvicorn with the LOFTQ_* request timeouts and connection limit (api/server.py);
+# the ingress in front adds its own (deploy/README.md, "In front of the API").
+CMD ["python", "-m", "api.server", "--host", "0.0.0.0", "--port", "8000"]

@@ -47,6 +47,10 @@ EXTERNAL_PROGRAMS = {"python", "python3", "pip", "docker", "kubectl", "kustomize
 PROBE_PATHS = ("/healthz", "/readyz")  # liveness, readiness
 # The API image must not pull these in: it is built without them.
 HEAVY_MODULES = ["torch", "transformers", "safetensors", "bitsandbytes", "accelerate", "peft"]
+# The API image starts the app through its launcher (uvicorn with the LOFTQ_* request timeouts and
+# connection limit, api/server.py), which serves api.main's app.
+API_COMMAND = ["python", "-m", "api.server", "--host", "0.0.0.0", "--port", "8000"]
+API_APP = "api.main:app"
 MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 LOFTQ_NAME = re.compile(r"\bLOFTQ_[A-Z0-9_]+\b")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_]\w*)(?::?-([^}]*))?\}")
@@ -483,8 +487,8 @@ def test_compose_api_and_worker_share_the_service_settings() -> None:
 
 def test_commands_were_found() -> None:
     programs = {argv[0] for _, argv in _all_argvs()}
-    assert {"uvicorn", "celery"} <= programs
-    assert {"api.main:app", "worker.celery_app:celery_app"} <= set(_module_paths())
+    assert "celery" in programs
+    assert {"api.server", "worker.celery_app:celery_app"} <= set(_module_paths())
 
 
 @pytest.mark.parametrize("program", _collect(_programs))
@@ -515,8 +519,9 @@ def test_module_path_importable(path: str) -> None:
 
 
 def _api_module_path() -> str:
-    cmd = _cmd(API_DOCKERFILE)
-    return next(w for w in cmd if MODULE_PATH.match(w))
+    """The app the API image serves: its command is the launcher, which serves ``API_APP``."""
+    assert _cmd(API_DOCKERFILE) == API_COMMAND
+    return API_APP
 
 
 def test_api_serves_the_probe_paths() -> None:
@@ -583,6 +588,9 @@ def test_api_module_imports_only_what_the_api_image_installs() -> None:
         f"importing {module} with only the API image's packages failed: {probe.get('error')} "
         "(keep the API torch-free, or add the package to the pip install list in deploy/api.Dockerfile)")
     assert not probe["heavy"], f"importing {module} imports {probe['heavy']}, which the API image does not install"
+    launcher = _import_probe("api.server", "main", blocked)
+    assert "error" not in launcher and launcher["has_attr"], f"importing api.server in the API image fails: {launcher}"
+    assert not launcher["heavy"], f"api.server imports {launcher['heavy']}, which the API image does not install"
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,8 +640,15 @@ def test_api_dockerfile() -> None:
         assert requirement.specifier == declared[name].specifier, (
             f"api.Dockerfile pins {requirement}, pyproject.toml declares {declared[name]}")
         assert requirement.extras <= declared[name].extras
-    assert _cmd(API_DOCKERFILE) == ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
+    assert _cmd(API_DOCKERFILE) == API_COMMAND
     assert any(k == "HEALTHCHECK" and "/healthz" in args for k, args in _instructions(API_DOCKERFILE))
+
+
+def test_the_api_starts_through_its_launcher_everywhere() -> None:
+    """Compose and Kubernetes run the image's command (the request timeouts and limits live there)."""
+    assert _compose()["services"]["api"].get("command", API_COMMAND) == API_COMMAND
+    api = _container(_api_deployment())
+    assert api.get("command", API_COMMAND) + api.get("args", []) == API_COMMAND
 
 
 def test_worker_dockerfile() -> None:
