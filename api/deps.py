@@ -1,4 +1,4 @@
-"""Typed dependencies of the routes: settings, job store, artifact store, job queue, the caller's tenant."""
+"""Typed dependencies of the routes: settings, job store, artifact store, job queue, event hub, the caller's tenant."""
 
 from __future__ import annotations
 
@@ -7,31 +7,48 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth import caller_tenant
+from api.event_stream import EventHub
 from api.jobstore import JobStore
+from api.policy import SourcePolicy
 from api.queue import JobQueue
 from api.settings import Settings
 from api.storage import ObjectStore
 
 
-def get_settings(request: Request) -> Settings:
+# The getters are ``async def`` because they only read app.state: FastAPI runs sync
+# dependencies on its thread pool, and a thread hop per dependency per request is waste.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_artifacts(request: Request) -> ObjectStore:
+async def get_artifacts(request: Request) -> ObjectStore:
     return request.app.state.artifacts
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_policy(request: Request) -> SourcePolicy:
+    return request.app.state.policy
+
+
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
+
+
+async def get_event_hub(request: Request) -> EventHub:
+    """Made by the app's lifespan (api/main.py), on the server's event loop."""
+    return request.app.state.events
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 ArtifactsDep = Annotated[ObjectStore, Depends(get_artifacts)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+PolicyDep = Annotated[SourcePolicy, Depends(get_policy)]
+EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 TenantDep = Annotated[str, Depends(caller_tenant)]
 """The tenant of the caller's API key (401 without a valid one when keys are configured)."""

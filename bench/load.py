@@ -38,26 +38,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from api.auth import hash_key, new_key  # noqa: E402
-from api.redis_server import free_port, start_redis_server  # noqa: E402
+from common import NO_ANSWER, Connection, ServiceStack, latency_ms, run_bench  # bench/common.py
 
 FINAL = {"succeeded", "failed", "cancelled"}
 EXPECTED = {"fail": {"failed"}, "cancel": {"cancelled", "failed"}}
@@ -68,88 +58,32 @@ TENANT = "load"
 # --------------------------------------------------------------------------- the stack
 
 
-class Stack:
-    """valkey, Celery workers and uvicorn on loopback, each in its own process group, all
-    stopped by ``stop`` (also on Ctrl-C or SIGTERM, through ``main``'s ``finally``)."""
+class Stack(ServiceStack):
+    """valkey, Celery workers and uvicorn; ``files`` is the allowed ``file://`` root."""
 
     def __init__(self, workdir: Path, workers: int, max_tasks_per_child: int) -> None:
-        self.workdir = workdir
-        self.processes: list[subprocess.Popen] = []
-        try:
-            self._start_all(workers, max_tasks_per_child)
-        except BaseException:  # a process that did not come up, or Ctrl-C: stop what did
-            self.stop()
-            raise
+        self.workers, self.max_tasks_per_child = workers, max_tasks_per_child
+        super().__init__(workdir)
 
-    def _start_all(self, workers: int, max_tasks_per_child: int) -> None:
+    def _start_all(self) -> None:
         workdir = self.workdir
         self.files = workdir / "files"
         (self.files / "empty").mkdir(parents=True)
-        self.key = new_key()
-        redis_process, self.redis_url = start_redis_server(workdir / "redis", appendonly=False)
-        self.processes.append(redis_process)
-        self.env = {
-            **os.environ,
-            "LOFTQ_REDIS_URL": self.redis_url,
-            "LOFTQ_QUEUE": f"load-{uuid.uuid4().hex[:8]}",
-            "LOFTQ_STORAGE": "local",
-            "LOFTQ_LOCAL_STORAGE_ROOT": str(workdir / "artifacts"),
-            "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(self.files)]),
-            "LOFTQ_API_KEYS": f"{TENANT}:{hash_key(self.key)}",
-            "LOFTQ_SUBMISSIONS_PER_MINUTE": "1000000",
-            "LOFTQ_MAX_QUEUED_JOBS_PER_TENANT": "1000000",
-            "LOFTQ_DEVICE": "cpu",
-            "LOFTQ_TORCH_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-        self.logs = [workdir / f"worker-{i}.log" for i in range(workers)]
+        self._start_redis(
+            TENANT, "load", [f"file://{self.files}/"],
+            LOFTQ_ALLOWED_FILE_ROOTS=json.dumps([str(self.files)]),
+            LOFTQ_DEVICE="cpu", LOFTQ_TORCH_THREADS="1", HF_HUB_OFFLINE="1",
+        )
+        self.logs = [workdir / f"worker-{i}.log" for i in range(self.workers)]
         for i, log in enumerate(self.logs):
             self._start(
                 [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "--concurrency", "1",
                  "--loglevel", "INFO", "-Q", self.env["LOFTQ_QUEUE"], "--hostname", f"load{i}@%h",
-                 "--max-tasks-per-child", str(max_tasks_per_child)],
+                 "--max-tasks-per-child", str(self.max_tasks_per_child)],
                 log, LOFTQ_WORK_DIR=str(workdir / f"scratch-{i}"),
             )
-        port = free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.api_log = workdir / "api.log"
-        self._start(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--no-access-log", "--log-level", "warning"],
-            self.api_log,
-        )
-        self._wait_ready()
-
-    def _start(self, command: list[str], log: Path, **env: str) -> None:
-        self.processes.append(subprocess.Popen(
-            command, env={**self.env, **env}, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,  # stopped by us, in order, not by the terminal's Ctrl-C
-        ))
-
-    def _wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.processes):
-                raise SystemExit(f"a process of the stack exited; its log is in {self.workdir} (kept with --workdir)")
-            try:
-                api_ready = httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                api_ready = False
-            if api_ready and all(log.exists() and b"ready." in log.read_bytes() for log in self.logs):
-                return
-            time.sleep(0.2)
-        raise SystemExit(f"the stack did not start in {timeout:.0f} s; the logs are in {self.workdir} (kept with --workdir)")
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):  # API and workers first, the job store last
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in reversed(self.processes):
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        self._start_api()
+        self._wait_ready(120, lambda: all(log.exists() and b"ready." in log.read_bytes() for log in self.logs))
 
 
 # --------------------------------------------------------------------------- the load
@@ -188,47 +122,6 @@ async def _timed(client: httpx.AsyncClient, figures: Figures, what: str, method:
         return None
     figures.record(what, f"{method} {url}", response.status_code, time.perf_counter() - started, response.content)
     return response
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection that sends GETs: the poller's client. httpx spends
-    about 3 ms of CPU per request, more than the API does to answer it, so on a 2-core box
-    an httpx poller measures itself; this one parses only the status line, Content-Length
-    (or chunks) and the body. uvicorn answers every route polled here with a JSON body."""
-
-    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
-        self.host, self.port = host, port
-        self.head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items()).encode()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def get(self, path: str) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            self.writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            fields = dict(line.split(b":", 1) for line in head[:-4].split(b"\r\n")[1:])
-            fields = {k.strip().lower(): v.strip().lower() for k, v in fields.items()}
-            if b"chunked" in fields.get(b"transfer-encoding", b""):
-                body = b""
-                while size := int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
-                    body += (await self.reader.readexactly(size + 2))[:-2]
-                await self.reader.readuntil(b"\r\n")
-            else:
-                body = await self.reader.readexactly(int(fields.get(b"content-length", b"0")))
-            if fields.get(b"connection") == b"close":
-                self.close()
-            return status, body
-        except BaseException:
-            self.close()  # a half-read answer leaves the connection unusable
-            raise
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 async def submit_all(client: httpx.AsyncClient, figures: Figures, stack: Stack, jobs: int, seconds: float,
@@ -288,7 +181,7 @@ async def poll(stack: Stack, figures: Figures, seconds: float, rate: float, conc
                 sent = time.perf_counter()
                 try:
                     status, body = await asyncio.wait_for(conn.get(path), 30)
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError) as exc:
+                except NO_ANSWER as exc:
                     figures.failed(what, exc)
                     continue
                 figures.record(what, f"GET {path}", status, time.perf_counter() - sent, body)
@@ -348,13 +241,6 @@ async def listing(client: httpx.AsyncClient, figures: Figures) -> dict[str, str]
 # --------------------------------------------------------------------------- report
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def run(args: argparse.Namespace, stack: Stack) -> dict:
     figures = Figures()
     rng = random.Random(args.seed)
@@ -405,10 +291,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
         "poll_seconds": poll_seconds,
         "poll_rate": polled / poll_seconds,
         "drain_seconds": drain_seconds,
-        "latency_ms": {
-            what: {"n": len(v), "p50": percentile(v, 0.5) * 1e3, "p99": percentile(v, 0.99) * 1e3, "max": max(v, default=float("nan")) * 1e3}
-            for what, v in load_latencies.items()
-        },
+        "latency_ms": {what: latency_ms(v) for what, v in load_latencies.items()},
         "server_errors": figures.server_errors[:20],
     }
     result["targets"] = {
@@ -473,26 +356,10 @@ def main() -> int:
     if min(args.jobs, args.max_tasks_per_child) < 1 or args.seconds <= 0 or args.rate <= 0 or not 0 <= args.fail_fraction <= 1:
         parser.error("--jobs, --max-tasks-per-child, --seconds and --rate must be positive, --fail-fraction within [0, 1]")
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops the stack
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loftq-load-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    stack = None
-    try:
-        print(f"starting valkey, {args.workers} workers and the API in {workdir} ...", file=sys.stderr, flush=True)
-        stack = Stack(workdir, args.workers, args.max_tasks_per_child)
-        result = asyncio.run(run(args, stack))
-    except KeyboardInterrupt:
-        print("interrupted; the stack is stopped", file=sys.stderr)
-        return 130
-    finally:
-        if stack is not None:
-            stack.stop()
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if all(result["targets"].values()) else 1
+    return run_bench(
+        args, "loftq-load-", f"valkey, {args.workers} workers and the API",
+        lambda workdir: Stack(workdir, args.workers, args.max_tasks_per_child), run, report,
+    )
 
 
 if __name__ == "__main__":

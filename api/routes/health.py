@@ -15,14 +15,16 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
+async def healthz() -> dict[str, str]:
+    """The process is up: answered on the event loop, so it needs no thread of the pool the
+    sync routes share, and answers however busy they are."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Something is down."}})
 def readyz(store: StoreDep, queue: QueueDep, artifacts: ArtifactsDep) -> JSONResponse:
-    """Broker, job store and storage reachable: 200, else 503 naming what is down."""
+    """Broker, job store and storage reachable: 200, else 503 naming what is down. A sync
+    route on purpose: the checks are blocking calls (with timeouts), kept off the event loop."""
     checks = {"job_store": store.ping(), "broker": queue.ping(), "storage": artifacts.ping()}
     ready = all(checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
