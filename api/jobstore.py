@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 
 import redis
 
+from loftq.options import STORED
+
 from api.errors import IdempotencyKeyReused, InvalidTransition, JobNotFound
 from api.schemas import (
     TRANSITIONS,
@@ -128,6 +130,10 @@ return raw
 """
 MERGE = "merge"  # the attempts field of a distributed job's merge
 
+
+class NotLeaseHolder(Exception):
+    """A fenced write (``transition(..., holder=)``) by a worker whose lease is gone or another's."""
+
 _id_lock = threading.Lock()
 _last_id: tuple[int, int] = (0, 0)
 
@@ -164,6 +170,7 @@ class JobStore:
         self.client = client
         self.retention_seconds = retention_seconds
         self.prefix = prefix
+        self.url: str | None = None  # the server's URL when made by from_url
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._hset_if_exists = client.register_script(_HSET_IF_EXISTS)
@@ -180,7 +187,9 @@ class JobStore:
         (the SSE heartbeat, 15 s); redis-py's own default (5 s) would cut those short."""
         store_kwargs = {k: kwargs.pop(k) for k in ("retention_seconds", "prefix") if k in kwargs}
         client_kwargs = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, **kwargs, "decode_responses": True}
-        return cls(redis.Redis.from_url(url, **client_kwargs), **store_kwargs)
+        store = cls(redis.Redis.from_url(url, **client_kwargs), **store_kwargs)
+        store.url = url  # a worker's lease watchdog (worker/watchdog.py) opens the same store from it
+        return store
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -230,7 +239,7 @@ class JobStore:
         data = json.loads(fields["job"])
         data["progress"] = json.loads(fields["progress"]) if "progress" in fields else {}
         data["attempts"] = int(fields.get("attempts", 0))
-        return Job.model_validate(data)
+        return Job.model_validate(data, context=STORED)  # stays readable when checks are added; the worker re-checks
 
     @staticmethod
     def _encode(job: Job) -> str:
@@ -404,15 +413,20 @@ class JobStore:
 
     # -- state --------------------------------------------------------------------------------
 
-    def _change(self, job_id: str, decide) -> Job:
+    def _change(self, job_id: str, decide, holder: tuple[str, str] | None = None) -> Job:
         """WATCH/MULTI loop. ``decide(current)`` returns ``(new_job or None, event_error, fields)``:
         the new state to write (None: state unchanged) and extra hash fields to set; it may raise.
-        Retried when the hash changed underneath (a concurrent transition or progress write)."""
+        Retried when the hash changed underneath (a concurrent transition or progress write).
+        ``holder`` (lease id, owner): written only while that owner holds that lease (else
+        ``NotLeaseHolder``); the lease key is watched too, so it cannot change hands meanwhile."""
         key = self._job_key(job_id)
+        lease_key = self._lease_key(holder[0]) if holder is not None else None
         for _ in range(_MAX_RETRIES):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *([lease_key] if lease_key else []))
+                    if holder is not None and pipe.get(lease_key) != holder[1]:
+                        raise NotLeaseHolder(f"{holder[1]} does not hold the lease of {holder[0]}")
                     current = self._decode(pipe.hgetall(key))
                     if current is None:
                         raise JobNotFound(f"job {job_id} not found")
@@ -465,7 +479,10 @@ class JobStore:
         error: ErrorInfo | None = None,
         summary: JobSummary | None = None,
         expect: set[JobState] | None = None,
+        holder: tuple[str, str] | None = None,
     ) -> Job:
+        """``holder`` (lease id, owner): a worker records the end only while it holds the lease
+        it ran under, so an attempt that lost it (another owns the work now) cannot."""
         to = JobState(to)
 
         def decide(job: Job):
@@ -475,7 +492,7 @@ class JobStore:
                 raise InvalidTransition(f"job {job_id} cannot go from {job.state.value} to {to.value}")
             return self._moved(job, to, error, summary), error, {}
 
-        return self._change(job_id, decide)
+        return self._change(job_id, decide, holder)
 
     def request_cancel(self, job_id: str) -> Job:
         """Idempotent: queued jobs are cancelled at once; running ones become cancelling and the

@@ -1,8 +1,10 @@
 """Hands out again the work of workers that died, or fails it with ``worker_lost``.
 
-A worker holds a lease on the job (or part) it runs and renews it every third of
-``lease_seconds``. A worker killed outright (SIGKILL, the OOM killer, a lost node) stops
-renewing, and once the lease expires its job is ``running`` with nobody working on it. The
+A worker holds a lease on the job (or part) it runs, renewed from the job's process and from
+a watchdog process beside it (worker/watchdog.py) for as long as the job's process lives, even
+stuck: a lease that has expired means no process works on the job any more. A worker killed
+outright (SIGKILL, the OOM killer, a lost node) stops renewing, and once the lease expires its
+job is ``running`` with nobody working on it. The
 broker would redeliver the unacknowledged message only after its visibility timeout, which
 must stay above the longest job (hours), so the API sweeps instead, every
 ``sweep_interval_seconds``: work with an attempt recorded and no lease is sent to the queue

@@ -14,10 +14,14 @@ from worker.runner import JobRunner
 
 
 _settings = get_settings()
-# The soft limit raises inside the work (the job fails with code "timeout"); the hard one kills
-# a child that does not return, so a hung download cannot hold a GPU worker forever. A part and
-# the merge each get the job's limits.
-_LIMITS = {"soft_time_limit": _settings.job_timeout_seconds, "time_limit": _settings.job_timeout_seconds + 120}
+# The soft limit raises inside the work (the job fails with code "timeout"). A child that cannot
+# run Python to see it is killed by its lease watchdog once the grace is over, and the job fails
+# "timeout" (worker/watchdog.py); the hard limit, a minute after that, is the last resort (a
+# child killed by it is redelivered and runs again). A part and the merge each get the job's limits.
+_LIMITS = {
+    "soft_time_limit": _settings.job_timeout_seconds,
+    "time_limit": _settings.job_timeout_seconds + _settings.cancel_grace_seconds + 60,
+}
 
 
 @task_prerun.connect
