@@ -52,8 +52,11 @@ RUN pip install ".[service,bnb]" \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/loftq loftq \
     && mkdir -p /var/lib/loftq/work /var/lib/loftq/hf-cache /app \
     && chown -R 10001:10001 /var/lib/loftq /app
+# MALLOC_ARENA_MAX: two malloc arenas, so that a CPU worker's per-job memory limit (address
+# space, worker/limits.py) is not spent on arenas reserved per core.
 ENV LOFTQ_WORK_DIR=/var/lib/loftq/work \
-    HF_HOME=/var/lib/loftq/hf-cache
+    HF_HOME=/var/lib/loftq/hf-cache \
+    MALLOC_ARENA_MAX=2
 WORKDIR /app
 USER 10001:10001
 

@@ -1,9 +1,9 @@
 """Run a transformers model one block at a time, with only the weights in use in memory.
 
 The model is built from config.json with its parameters on the meta device (buffers such as
-rotary frequencies are real: they are computed, not stored). Weights are read from the
-shards into the modules that need them and dropped again afterwards, so a calibrated
-conversion holds one block (or the embeddings and head) at a time.
+rotary frequencies are real: they are computed, not stored; loftq/architecture.py bounds
+them). Weights are read from the shards into the modules that need them and dropped again
+afterwards, so a calibrated conversion holds one block (or the embeddings and head) at a time.
 
 Whatever the architecture passes to its blocks (attention masks, position ids, rotary
 embeddings, per-layer sliding-window masks) is captured by running the model's own forward
@@ -26,7 +26,7 @@ from loftq.checkpoint import SourceCheckpoint
 from loftq.errors import CorruptCheckpoint, UnsupportedArchitecture
 from loftq.safetensors_io import SafetensorsHeader, TensorInfo, read_header, read_tensor
 from loftq.storage import Source
-from loftq.targets import build_meta_model, checkpoint_key
+from loftq.architecture import build_meta_model, checkpoint_key
 
 CAUSAL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2"}
 ENCODER_MODEL_TYPES = {"bert"}
@@ -143,7 +143,7 @@ class StreamedModel:
                 f"this checkpoint is {model_type!r} (convert it without calibration data, objective=weight)",
                 path="config.json",
             )
-        self.model = build_meta_model({**config_dict, "use_cache": False}, computed_buffers=True).eval()
+        self.model = build_meta_model({**config_dict, "use_cache": False}, reader.shard_of, computed_buffers=True).eval()
         config = self.model.config
         if getattr(config, "tie_word_embeddings", False) and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()  # the head shares the embedding's parameter, as from_pretrained does

@@ -47,8 +47,12 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise InvalidOptions(f"unknown device {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):  # e.g. a worker's LOFTQ_DEVICE, which ConvertOptions did not see
+        raise InvalidOptions(f"device {name!r}: the engine runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptions(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidOptions(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -193,7 +197,7 @@ def convert_part(
     layers: list[LayerReport] = []
     total = sum(1 for t in layout.targets.values() if _shard_of(checkpoint, t.key) in shards)
     journal = Journal(destination, options.model_dump_json(exclude={"device"}))
-    shard_loop = _ShardLoop(source, destination, journal, layout, backbone)
+    shard_loop = _ShardLoop(source, checkpoint, destination, journal, layout, backbone)
 
     def progress(stage: str, **fields: object) -> None:
         emit(ProgressEvent(stage, len(layers), total, shard_loop.done, len(shards), **fields))
@@ -222,9 +226,14 @@ class _ShardLoop:
     """Converts shards in order while the next shard is opened (downloaded, or checked
     against the journal) and the previous one is published (uploaded) on other threads."""
 
-    def __init__(self, source: Source, destination: Destination, journal: Journal, layout: ModelLayout, backbone: Backbone) -> None:
+    def __init__(
+        self, source: Source, checkpoint: SourceCheckpoint, destination: Destination, journal: Journal, layout: ModelLayout, backbone: Backbone
+    ) -> None:
         self.source, self.destination, self.journal = source, destination, journal
         self.layout, self.backbone = layout, backbone
+        self.indexed: dict[str, set[str]] = {}  # shard -> the tensors the index says it holds
+        for name, shard in (checkpoint.index or {}).get("weight_map", {}).items():
+            self.indexed.setdefault(shard, set()).add(name)
         self.outputs = _Outputs(destination)
         self.shard_tensors: dict[str, dict[str, int]] = {}
         self.done = 0
@@ -266,6 +275,7 @@ class _ShardLoop:
                     record = item.record
                     if record is None:
                         assert item.path is not None
+                        self._check_index(item.name, item.path)
 
                         def on_layer(layer: LayerReport, shard: str = item.name) -> None:
                             layers.append(layer)
@@ -295,6 +305,14 @@ class _ShardLoop:
                 publisher.submit(lambda shard=item.name, result=result: self._publish(shard, result))
                 progress("shard", shard=item.name, bytes_read=item.bytes_read, bytes_written=result.size)
             publisher.join()
+
+    def _check_index(self, shard: str, path: Path) -> None:
+        """The layout was planned from the index alone: names it lists that the shard lacks
+        (an index padded to back a config's layers) would otherwise be skipped silently."""
+        missing = sorted(self.indexed.get(shard, set()) - set(read_header(path).tensors))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CorruptCheckpoint(f"the index maps {missing[0]}{more} to {shard}, which does not hold it", path=INDEX_NAME)
 
     def _publish(self, shard: str, result: ShardResult) -> None:
         self.outputs.publish(shard, result.sha256)
@@ -359,7 +377,7 @@ def _convert(
         fitter, concurrency = weight_space_fitter(backbone, device), fit_concurrency(device)
 
     journal = Journal(destination, binding)
-    shard_loop = _ShardLoop(source, destination, journal, layout, backbone)
+    shard_loop = _ShardLoop(source, checkpoint, destination, journal, layout, backbone)
     outputs = shard_loop.outputs
     destination.remove(MANIFEST_NAME)
     for name in checkpoint.aux_files:

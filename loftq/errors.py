@@ -46,7 +46,8 @@ class PickleCheckpoint(UnsupportedCheckpoint):
 
 
 class CorruptCheckpoint(LoftQError):
-    """A safetensors file or index that contradicts itself or the bytes on disk."""
+    """A safetensors file or index that contradicts itself or the bytes on disk, or a config.json
+    that declares more (layers, modules, buffers) than the checkpoint holds."""
 
     code = "corrupt_checkpoint"
 
@@ -77,6 +78,7 @@ class InvalidCalibrationData(LoftQError):
 
 
 class UnsupportedArchitecture(LoftQError):
-    """A calibrated conversion of an architecture whose blocks cannot be streamed one by one."""
+    """A calibrated conversion of an architecture whose blocks cannot be streamed one by one, or
+    a config.json whose ``architectures`` names something other than a transformers model class."""
 
     code = "unsupported_architecture"

@@ -7,10 +7,11 @@ setting means the same thing and is checked the same way everywhere.
 from __future__ import annotations
 
 import math
-import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from loftq.target_regex import compile_target_regex
 
 QuantName = Literal["nf4", "fp4", "int8", "int", "nf2", "nf3"]
 SvdMethod = Literal["exact", "randomized"]
@@ -20,6 +21,16 @@ Propagation = Literal["full-precision", "initialised"]
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
 
 ALL_LINEAR = "all-linear"
+STORED = {"stored": True}
+"""Validation context of a record read back from storage (a job in the service's store): the
+checks added after it was written must not make it unreadable; whoever runs it validates it
+afresh (worker/runner.py)."""
+
+
+def stored(info: ValidationInfo) -> bool:
+    """Whether this validation reads a stored record (``STORED``) rather than a new request."""
+    return bool(info.context and info.context.get("stored"))
+
 _FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
 """Bits of the fixed-width quantizers (``int`` takes any of 2..8)."""
 
@@ -38,7 +49,7 @@ class CalibrationOptions(BaseModel):
     samples: int = Field(64, ge=1, le=4096, description="Calibration sequences (N).")
     seq_len: int = Field(512, ge=8, le=32768, description="Tokens per sequence (L); capped at the model's maximum length.")
     eval_samples: int = Field(16, ge=0, le=4096, description="Held-out sequences for evaluate (not used for fitting).")
-    seed: int = Field(0, description="Seed of the sampling of sequences.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the sampling of sequences (0 ≤ seed < 2^63, what torch's generator takes).")
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass through a block.")
     propagation: Propagation = Field(
         "initialised",
@@ -76,13 +87,18 @@ class ConvertOptions(BaseModel):
     svd_oversample: int = Field(
         16,
         ge=0,
+        le=1024,
         description=(
             "Randomized SVD: columns beyond the rank in each block Krylov block; blocks narrower than 64 columns are "
             "widened to 64 where the Krylov space still fits in the matrix (a thinner block saves little time)."
         ),
     )
-    svd_power_iters: int = Field(8, ge=0, description="Randomized SVD: depth of the block Krylov space (products with A·Aᵀ).")
-    seed: int = Field(0, description="Seed of the randomized solver (results are reproducible).")
+    svd_power_iters: int = Field(
+        8, ge=0, le=64, description="Randomized SVD: depth of the block Krylov space (products with A·Aᵀ); at most 64."
+    )
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seed of the randomized solver (results are reproducible; 0 ≤ seed < 2^63, what torch's generator takes)."
+    )
     objective: Objective = Field(
         "weight",
         description=(
@@ -102,13 +118,28 @@ class ConvertOptions(BaseModel):
     )
     target_modules: str | list[str] = Field(
         ALL_LINEAR,
-        description="'all-linear', a list of module-name suffixes (e.g. q_proj), or a regex matched in full against module names.",
+        description=(
+            "'all-linear', a list of module-name suffixes (e.g. q_proj), or a regex matched in full against module names "
+            "(RE2 syntax, at most 1000 characters: no backreferences or lookaround)."
+        ),
     )
     backbone_format: BackboneFormat = Field(
         "dequantized",
         description="'dequantized': Q in the source dtype (load with BitsAndBytesConfig); 'bnb-4bit': bitsandbytes 4-bit serialization.",
     )
     device: DeviceName = Field("auto", description="Compute device: auto (cuda if available), cpu, cuda, cuda:N.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_the_engine_runs_on(cls, value: str, info: ValidationInfo) -> str:
+        """Refused here, before a job is queued: any other torch device (meta, mps, xpu) fails
+        inside the conversion. Whether cuda:N exists is the worker's to say (invalid_options)."""
+        if stored(info):
+            return value
+        index = value.removeprefix("cuda:")
+        if value not in ("auto", "cpu", "cuda") and not (index != value and index.isascii() and index.isdigit() and len(index) <= 4):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value[:40]!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -136,17 +167,18 @@ class ConvertOptions(BaseModel):
 
     @field_validator("target_modules")
     @classmethod
-    def _non_empty_targets(cls, value: str | list[str]) -> str | list[str]:
+    def _non_empty_targets(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if stored(info):
+            return value
         if isinstance(value, list):
             if not value or any(not name.strip() for name in value):
                 raise ValueError("target_modules list must hold non-empty module names")
         elif not value.strip():
             raise ValueError("target_modules must not be empty")
         elif value != ALL_LINEAR:
-            try:  # refused here, before a job is queued, rather than when the model is read
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"target_modules is not a valid regular expression: {exc}") from None
+            # Refused here, before a job is queued, rather than when the model is read; RE2
+            # (loftq/target_regex.py) so that no pattern can backtrack for minutes on a worker.
+            compile_target_regex(value)
         return value
 
     @model_validator(mode="after")

@@ -1,20 +1,23 @@
 """Which checkpoint tensors are LoRA targets, decided the way PEFT decides it.
 
-The architecture is built on the meta device from config.json (no weights, no memory), so
+The architecture is built on the meta device from config.json (no weights, no memory; its sizes
+checked against the checkpoint first, loftq/architecture.py), so
 "all-linear", names and regexes are matched against real module names and module types,
-exactly as PEFT will match them when the adapter is loaded.
+exactly as PEFT will match them when the adapter is loaded. Regexes run on RE2
+(loftq/target_regex.py): on module names (ASCII, dots) its full match agrees with PEFT's
+``re.fullmatch``, in time linear in the name.
 """
 
 from __future__ import annotations
 
-import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from loftq.errors import CorruptCheckpoint, NoTargetModules, UnsupportedCheckpoint
+from loftq.architecture import build_meta_model, checkpoint_key
+from loftq.errors import CorruptCheckpoint, LoftQError, NoTargetModules, UnsupportedCheckpoint
 from loftq.options import ALL_LINEAR, ConvertOptions
+from loftq.target_regex import fullmatch
 
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -47,37 +50,6 @@ class ModelLayout:
     weight_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def build_meta_model(config_dict: dict, *, computed_buffers: bool = False) -> torch.nn.Module:
-    """The architecture config.json describes, with its parameters on the meta device.
-
-    ``computed_buffers`` keeps buffers real (rotary frequencies, position ids: computed in
-    ``__init__``, not stored), for a model that will run once its weights are loaded."""
-    import transformers
-
-    if "auto_map" in config_dict:
-        raise UnsupportedCheckpoint(
-            "the model needs trust_remote_code (custom modelling code); only architectures built into transformers are supported",
-            path="config.json",
-        )
-    model_type = config_dict.get("model_type")
-    if model_type not in transformers.CONFIG_MAPPING:
-        raise UnsupportedCheckpoint(f"unknown model_type {model_type!r}", path="config.json")
-    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-    if computed_buffers:
-        from accelerate import init_empty_weights
-
-        empty = init_empty_weights(include_buffers=False)
-    else:
-        empty = torch.device("meta")
-    with empty, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if model_class is not None:
-            return model_class(config)
-        return transformers.AutoModel.from_config(config)
-
-
 def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
     """(is a LoRA-able linear layer, is stored in×out)."""
     from transformers.pytorch_utils import Conv1D
@@ -90,14 +62,14 @@ def _is_linear(module: torch.nn.Module) -> tuple[bool, bool]:
 def _selected(name: str, spec: str | list[str]) -> bool:
     if isinstance(spec, list):
         return any(name == t or name.endswith("." + t) for t in spec)
-    return re.fullmatch(spec, name) is not None
+    return fullmatch(spec, name)  # RE2: linear in the name, whatever the pattern
 
 
 def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOptions) -> ModelLayout:
     """Match the options' target_modules against the model that ``config`` (config.json) describes."""
     try:
-        model = build_meta_model(config)
-    except UnsupportedCheckpoint:
+        model = build_meta_model(config, checkpoint_keys)
+    except LoftQError:  # config.json refused on its merits (loftq/architecture.py)
         raise
     except Exception as exc:  # transformers raises many kinds for unknown/odd configs
         raise UnsupportedCheckpoint(f"cannot build the architecture from config.json: {exc}", path="config.json") from exc
@@ -105,7 +77,7 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_name = next((n for n, m in model.named_modules() if output is not None and m is output), None)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    spec = options.target_modules  # a regex was compiled once already, by ConvertOptions
+    spec = options.target_modules  # a regex was compiled (and cached) by ConvertOptions' validation
     linear: list[str] = []
     targets: dict[str, Target] = {}
     weight_shapes: dict[str, tuple[int, int]] = {}
@@ -143,21 +115,3 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
     architecture = type(model).__name__
     task_type = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
     return ModelLayout(architecture, task_type, targets, linear, output_name, weight_shapes)
-
-
-def checkpoint_key(param: str, prefix: str, keys: set[str] | dict[str, object]) -> str | None:
-    """The checkpoint's name for a model parameter: the checkpoint may or may not carry the
-    base-model prefix (e.g. ``bert.``), and old checkpoints (the original BERTs) store
-    LayerNorm parameters as gamma/beta, which transformers renames when it loads them."""
-    candidates = [param]
-    if prefix:
-        candidates += [f"{prefix}.{param}", param.removeprefix(f"{prefix}.")]
-    candidates += [_legacy_name(c) for c in candidates if _legacy_name(c) != c]
-    return next((c for c in candidates if c in keys), None)
-
-
-def _legacy_name(key: str) -> str:
-    for new, old in ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta")):
-        if key.endswith(new):
-            return key.removesuffix(new) + old
-    return key

@@ -49,3 +49,11 @@ def test_evaluate_needs_held_out_sequences() -> None:
     with pytest.raises(ValidationError, match="eval_samples must be at least 1"):
         CalibrationOptions(evaluate=True, eval_samples=0)
     assert CalibrationOptions(evaluate=False, eval_samples=0).eval_samples == 0
+
+
+@pytest.mark.parametrize("field, value", [("svd_oversample", 1025), ("svd_power_iters", 65)])
+def test_solver_sizes_are_bounded(field: str, value: int) -> None:
+    """One request must not buy unbounded work: a Krylov space of 10^9 columns or products."""
+    with pytest.raises(ValidationError, match=field):
+        ConvertOptions(**{field: value})
+    ConvertOptions(**{field: value - 1})

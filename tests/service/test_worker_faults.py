@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,7 +23,10 @@ import pytest
 import torch
 
 from api.schemas import ErrorInfo
-from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
+from conftest import (
+    FINISHED, output_keys, pool_children, s3_client, service_env, start_worker, stop_processes, submit_job, upload_models,
+    wait_for_job,
+)
 from worker.limits import exhausted_resource
 
 BUCKET = "faults-artifacts"
@@ -34,7 +37,6 @@ MEMORY_ALLOWANCE = 2 << 30
 what converting MiniLM adds (about 0.45 GiB with MALLOC_ARENA_MAX=2: transformers' import,
 thread stacks, malloc arenas), well below the 4 GiB that reading ``big_layer``'s MLP needs."""
 SLOW = {"iters": 8, "svd": "exact"}  # 0.2-0.5 s per MiniLM layer on 2 idle cores, seconds on a busy one
-FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -71,48 +73,11 @@ def stack(
         stop_processes(api, [worker])
 
 
-def _submit(client: httpx.Client, source: str, options: dict | None = None) -> str:
-    response = client.post("/v1/jobs", json={"source": source, "options": options or {}})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def _wait(client: httpx.Client, job_id: str, until: Callable[[dict], bool], timeout: float = 180) -> dict:
-    """Poll until ``until(job)``; the job as last seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if until(job):
-            return job
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id}: {job['state']}, {job['progress']}")
-        time.sleep(0.1)
-
-
-def _finished(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    return _wait(client, job_id, lambda job: job["state"] in FINISHED, timeout)
-
-
 def _converting(client: httpx.Client, job_id: str) -> dict:
     """Once the engine has finished a layer: the job is well inside the conversion."""
-    job = _wait(client, job_id, lambda job: job["state"] in FINISHED or job["progress"]["layers_done"] >= 1)
+    job = wait_for_job(client, job_id, lambda job: job["state"] in FINISHED or job["progress"]["layers_done"] >= 1)
     assert job["state"] == "running", job
     return job
-
-
-def _output_keys(s3, job: dict) -> list[str]:
-    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=job["output"].rstrip("/") + "/")
-    return [item["Key"] for item in listed.get("Contents", [])]
-
-
-def _pool_children(stack: dict) -> list[int]:
-    """The Celery parent's child processes (its prefork pool: one with --concurrency 1)."""
-    parent = stack["worker"].pid
-    children = []
-    for task in Path(f"/proc/{parent}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            children += [int(pid) for pid in (task / "children").read_text().split()]
-    return children
 
 
 def _the_next_job_succeeds(stack: dict) -> None:
@@ -120,9 +85,9 @@ def _the_next_job_succeeds(stack: dict) -> None:
     job from S3 (download into scratch, upload of the result) runs to the end."""
     assert stack["worker"].poll() is None, "the worker process exited"
     client = stack["client"]
-    job = _finished(client, _submit(client, f"s3://{MODELS}/tiny-bert/", {"rank": 4}))
+    job = wait_for_job(client, submit_job(client, f"s3://{MODELS}/tiny-bert/", {"rank": 4}))
     assert job["state"] == "succeeded", job["error"]
-    assert "manifest.json" in [key.rsplit("/", 1)[-1] for key in _output_keys(stack["s3"], job)]
+    assert "manifest.json" in [key.rsplit("/", 1)[-1] for key in output_keys(stack["s3"], BUCKET, job)]
     assert stack["worker"].poll() is None
 
 
@@ -160,8 +125,8 @@ def test_a_full_scratch_disk_fails_the_job_with_disk_full_and_the_worker_carries
     client = stack["client"]
     for where, size in (("download", 16 << 20), ("output", MINILM_SHARD + (64 << 20))):
         with _tmpfs(stack["scratch"], size) as scratch:
-            job_id = _submit(client, f"s3://{MODELS}/minilm/", {"rank": 4})
-            job = _finished(client, job_id)
+            job_id = submit_job(client, f"s3://{MODELS}/minilm/", {"rank": 4})
+            job = wait_for_job(client, job_id)
             assert job["state"] == "failed", (where, job)
             assert job["error"]["code"] == "disk_full", (where, job["error"])
             assert "No space left on device" in job["error"]["message"]
@@ -171,7 +136,7 @@ def test_a_full_scratch_disk_fails_the_job_with_disk_full_and_the_worker_carries
             else:
                 assert 0 < layers < job["progress"]["layers_total"]  # failed while writing the output shard
             assert list(scratch.iterdir()) == [], f"{where}: the job's scratch was left behind"
-            assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in _output_keys(stack["s3"], job)]
+            assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in output_keys(stack["s3"], BUCKET, job)]
             assert client.get(f"/v1/jobs/{job_id}/artifacts").status_code == 409
             if where == "output":
                 _the_next_job_succeeds(stack)  # on the same small disk: the failed jobs' space is free again
@@ -218,12 +183,12 @@ def big_layer(stack: dict) -> Path:
 
 def test_a_job_beyond_the_memory_limit_fails_out_of_memory_and_the_worker_carries_on(stack: dict, big_layer: Path) -> None:
     client = stack["client"]
-    job = _finished(client, _submit(client, f"file://{big_layer}", {"rank": 4}))
+    job = wait_for_job(client, submit_job(client, f"file://{big_layer}", {"rank": 4}))
     assert job["state"] == "failed", job
     assert job["error"]["code"] == "out_of_memory", job["error"]
     assert "can't allocate memory" in job["error"]["message"]
     assert job["progress"]["layers_done"] >= 4  # the attention layers fitted under the limit; the 4 GiB read did not
-    assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in _output_keys(stack["s3"], job)]
+    assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in output_keys(stack["s3"], BUCKET, job)]
     _the_next_job_succeeds(stack)
 
 
@@ -232,9 +197,9 @@ def test_a_pool_child_killed_mid_job_ends_the_job_worker_lost_and_the_worker_for
     the child die and forks another; once the dead child's lease expires, the job has had its
     one delivery (LOFTQ_MAX_ATTEMPTS=1 here) and ends ``worker_lost``."""
     client = stack["client"]
-    job_id = _submit(client, f"file://{stack['files_root'] / 'minilm'}", SLOW)
+    job_id = submit_job(client, f"file://{stack['files_root'] / 'minilm'}", SLOW)
     _converting(client, job_id)
-    children = _pool_children(stack)
+    children = pool_children(stack["worker"])
     assert len(children) == 1, children
     child = children[0]
     limits = Path(f"/proc/{child}/limits").read_text()
@@ -246,13 +211,13 @@ def test_a_pool_child_killed_mid_job_ends_the_job_worker_lost_and_the_worker_for
     killed = time.monotonic()
     os.kill(child, signal.SIGKILL)
 
-    job = _finished(client, job_id, timeout=120)
+    job = wait_for_job(client, job_id, timeout=120)
     print(f"pool child killed: job {job['state']} ({(job['error'] or {}).get('code')}) after {time.monotonic() - killed:.1f} s")
     assert job["state"] == "failed", job
     assert job["error"]["code"] == "worker_lost", job["error"]
     assert job["progress"]["layers_done"] < job["progress"]["layers_total"]
-    assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in _output_keys(stack["s3"], job)]
-    assert child not in _pool_children(stack)
+    assert "manifest.json" not in [key.rsplit("/", 1)[-1] for key in output_keys(stack["s3"], BUCKET, job)]
+    assert child not in pool_children(stack["worker"])
     _the_next_job_succeeds(stack)
 
 
@@ -261,9 +226,9 @@ def test_a_pool_child_killed_mid_job_ends_the_job_worker_lost_and_the_worker_for
 
 def test_cancel_mid_job_stops_within_one_layer_and_leaves_no_artifacts(stack: dict) -> None:
     client = stack["client"]
-    job_id = _submit(client, f"file://{stack['files_root'] / 'minilm'}", SLOW)
+    job_id = submit_job(client, f"file://{stack['files_root'] / 'minilm'}", SLOW)
     _converting(client, job_id)
-    assert _output_keys(stack["s3"], client.get(f"/v1/jobs/{job_id}").json())  # config and tokenizer are uploaded by now
+    assert output_keys(stack["s3"], BUCKET, client.get(f"/v1/jobs/{job_id}").json())  # config and tokenizer are uploaded by now
     asked = time.monotonic()
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 202
@@ -271,7 +236,7 @@ def test_cancel_mid_job_stops_within_one_layer_and_leaves_no_artifacts(stack: di
     assert accepted["state"] == "cancelling"
     at_cancel = accepted["progress"]["layers_done"]  # read in the transaction that set the flag
 
-    job = _finished(client, job_id, timeout=120)
+    job = wait_for_job(client, job_id, timeout=120)
     latency = time.monotonic() - asked
     events = client.get(f"/v1/jobs/{job_id}/events").json()["events"]
     seconds = [e["data"]["seconds"] for e in events if e["type"] == "layer"]
@@ -284,7 +249,7 @@ def test_cancel_mid_job_stops_within_one_layer_and_leaves_no_artifacts(stack: di
     assert job["error"] is None
     assert at_cancel <= job["progress"]["layers_done"] <= at_cancel + 1  # at most the layer being fitted finished
     assert len(seconds) == job["progress"]["layers_done"]
-    assert _output_keys(stack["s3"], job) == []  # no manifest, no shards, no journal, no copied files
+    assert output_keys(stack["s3"], BUCKET, job) == []  # no manifest, no shards, no journal, no copied files
     assert client.get(f"/v1/jobs/{job_id}/artifacts").status_code == 409
     assert latency < 120  # one layer and the clean-up, with room for a loaded machine
 
