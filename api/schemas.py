@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from api.errors import ServiceError
-from loftq.options import ConvertOptions
+from api.text import escape_unsafe, unsafe_message
+from loftq.options import ConvertOptions, stored
 
 
 class JobState(str, enum.Enum):
@@ -78,11 +79,23 @@ class JobCreate(BaseModel):
         1, ge=1, le=1024, description="With distributed: consecutive weight shards converted by one part task."
     )
 
+    @field_validator("output", mode="before")
+    @classmethod
+    def _no_unsafe_characters(cls, value: object, info: ValidationInfo) -> object:
+        """Before the pattern, so the message names the character (a bidi override, say)."""
+        problem = unsafe_message(value) if isinstance(value, str) and not stored(info) else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("output")
     @classmethod
-    def _not_reserved(cls, value: str | None) -> str | None:
-        if value is not None and (value.rstrip("/") == "jobs" or value.startswith("jobs/")):
+    def _not_reserved(cls, value: str | None, info: ValidationInfo) -> str | None:
+        top = value.split("/", 1)[0] if value is not None and not stored(info) else None
+        if top == "jobs":
             raise ValueError("the jobs/ prefix is reserved for jobs without an output prefix")
+        if top == "inputs":
+            raise ValueError("the inputs/ prefix is reserved for uploads (POST /v1/uploads)")
         return value
 
     @field_validator("distributed")
@@ -102,9 +115,18 @@ class JobCreate(BaseModel):
 
     @field_validator("metadata")
     @classmethod
-    def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+    def _small_metadata(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if stored(info):
+            return value
         if len(value) > 32 or any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
             raise ValueError("metadata is limited to 32 entries, keys ≤ 64 and values ≤ 512 characters")
+        for key, text in value.items():
+            problem = unsafe_message(key)
+            if problem:
+                raise ValueError(f"key '{escape_unsafe(key)}' {problem}")
+            problem = unsafe_message(text)
+            if problem:
+                raise ValueError(f"the value of '{escape_unsafe(key)}' {problem}")
         return value
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.auth import parse_api_keys
@@ -39,12 +40,117 @@ class Settings(BaseSettings):
         "standard", description="botocore retry mode; adaptive also slows this client's request rate while throttled."
     )
 
-    allowed_file_roots: list[Path] = Field(default_factory=list, description="Directories file:// sources may read.")
+    allowed_file_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories file:// sources may read at all; LOFTQ_TENANT_SOURCES says which of them each tenant may.",
+    )
+    tenant_sources: Annotated[dict[str, list[str]] | None, NoDecode] = Field(
+        None,
+        description=(
+            "What each tenant may read as a source or calibration data, as a JSON object tenant -> list of URI prefixes: "
+            "s3:// (any bucket), s3://bucket/ or s3://bucket/prefix/; file:// (any allowed root) or file:///dir/; hf:// "
+            "(any Hub repository), hf://org/ or hf://org/name. The key \"*\" holds the list of tenants without an entry. "
+            "Every tenant may also read its own uploads (upload://, POST /v1/uploads) and, in the artifact bucket, its own "
+            "area; nobody may read another tenant's area or the service's own files, whatever this says. Unset: the tenant "
+            "'default' (the open API's, without LOFTQ_API_KEYS) may read s3://, file:// and hf://, every other tenant only its "
+            "own data. Set the same value for the API and the workers (docs/adr/0007-access.md)."
+        ),
+    )
+    hf_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Hugging Face Hub tokens per tenant, a JSON object tenant -> token. A tenant without one reads the Hub "
+            "anonymously: the worker's own token (HF_TOKEN, a cached login) is never used for a job."
+        ),
+    )
+    data_dir: Path | None = Field(
+        None,
+        description=(
+            "The service's own state directory (job store files, artifacts, scratch; `loftq-service serve` sets it). "
+            "Like local_storage_root and work_dir it is never readable as a file:// source, even under an allowed root."
+        ),
+    )
+    upload_url_expiry_seconds: int = Field(
+        6 * 3600, ge=60, le=7 * 24 * 3600, description="Lifetime of the upload URLs POST /v1/uploads hands out."
+    )
+    upload_part_bytes: int = Field(
+        64 * 2**20,
+        ge=5 * 2**20,
+        le=5 * 2**30,
+        description="S3 uploads: files above this size are uploaded in parts of this size (a presigned URL each).",
+    )
     work_dir: Path = Field(Path("./loftq-data/work"), description="Worker scratch space (one source shard at a time).")
     max_model_bytes: int = Field(200 * 2**30, ge=1, description="Largest source checkpoint accepted.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body the API reads (413 above).")
+    # Slow clients (api/server.py): reading a request is bounded in time, writing a response
+    # (an event stream, a download) is not.
+    request_header_timeout_seconds: float = Field(
+        10,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds a connection may take to send a request line and headers, counted from the connection (or the "
+            "end of the previous response on it); then it is closed (408 request_timeout if it had sent part of them)."
+        ),
+    )
+    request_body_timeout_seconds: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds the whole request body may take to arrive once the headers are in; then 408 request_timeout "
+            "and the connection is closed. A file streamed to PUT /v1/uploads/{id}/files/... may take longer, as long "
+            "as no piece of it takes more than this."
+        ),
+    )
+    keep_alive_timeout_seconds: float = Field(
+        5,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds an idle keep-alive connection stays open waiting for the next request (at most "
+            "request_header_timeout_seconds in effect: that deadline also runs from the end of each response)."
+        ),
+    )
+    max_connections: int = Field(
+        1200,
+        ge=1,
+        description=(
+            "Connections (or requests in progress) one API process serves at once, open event streams included (keep "
+            "it above max_event_streams); a request beyond it is answered 503 overloaded with Retry-After at once "
+            "(uvicorn's limit_concurrency)."
+        ),
+    )
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1 << 20,
+        description="Largest request line plus headers (uvicorn's h11_max_incomplete_event_size); a larger one is 400.",
+    )
     submissions_per_minute: int = Field(120, ge=1, description="New jobs one tenant may submit per minute (429 above).")
     max_queued_jobs_per_tenant: int = Field(1000, ge=1, description="Jobs one tenant may have queued at once (429 above).")
+    max_event_streams_per_tenant: int = Field(
+        100,
+        ge=1,
+        description=(
+            "Event streams (GET /v1/jobs/{id}/events/stream) one tenant may hold open at once, counted per API process "
+            "(429 too_many_streams above)."
+        ),
+    )
+    max_event_streams: int = Field(
+        1000,
+        ge=1,
+        description=(
+            "Event streams one API process holds open at once, all tenants together (429 too_many_streams above); each "
+            "holds a socket, so the API raises its open-file limit to fit."
+        ),
+    )
+    event_heartbeat_seconds: float = Field(
+        15,
+        gt=0,
+        le=300,
+        description="An event stream sends a `: heartbeat` comment after this long without events (below proxies' idle timeouts).",
+    )
     calibration_max_bytes: int = Field(
         2**30, ge=1, description="Most calibration text one job may read (all its .txt/.jsonl files together)."
     )
@@ -52,6 +158,15 @@ class Settings(BaseSettings):
     job_retention_seconds: int = Field(30 * 24 * 3600, ge=60, description="How long finished job records are kept.")
     job_timeout_seconds: int = Field(6 * 3600, ge=60, description="Longest job; the broker's visibility timeout is above it.")
     lease_seconds: int = Field(60, ge=5, description="A worker renews its job lease this often × 3.")
+    cancel_grace_seconds: float = Field(
+        60,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds a job may take to stop by itself once it is cancelled, its job ended elsewhere, or it passed "
+            "job_timeout_seconds; then the worker's lease watchdog kills its process (worker/watchdog.py)."
+        ),
+    )
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails with worker_lost.")
     sweep_interval_seconds: float = Field(
         30,
@@ -80,11 +195,13 @@ class Settings(BaseSettings):
     )
     worker_memory_limit_bytes: int | None = Field(
         None,
-        ge=1 << 20,
+        ge=0,
         description=(
             "Address space one job may add to its worker process once the engine is loaded (RLIMIT_AS in the pool "
             "child, worker/limits.py): above it allocations fail and the job ends out_of_memory, so one job cannot "
-            "exhaust a shared host. Unset: no limit. CPU workers only; run them with MALLOC_ARENA_MAX=2."
+            "exhaust a shared host. Unset: three quarters of the worker's memory (the host's, or its cgroup's limit "
+            "when lower); set it per worker when several share a host. 0 or 'off': no limit. CPU workers only; run "
+            "them with MALLOC_ARENA_MAX=2."
         ),
     )
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
@@ -97,10 +214,32 @@ class Settings(BaseSettings):
         ),
     )
 
+    @field_validator("tenant_sources", "hf_tokens", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        """A JSON object in the environment; already-parsed values (a copied Settings) pass."""
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: object) -> dict[str, str]:
         return parse_api_keys(value)
+
+    @field_validator("worker_memory_limit_bytes", mode="before")
+    @classmethod
+    def _memory_limit_off(cls, value: object) -> object:
+        """'off' turns the default limit off, like 0."""
+        return 0 if isinstance(value, str) and value.strip().lower() == "off" else value
+
+    @field_validator("worker_memory_limit_bytes")
+    @classmethod
+    def _memory_limit_size(cls, value: int | None) -> int | None:
+        """A limit under 1 MiB is a typo: every job would fail."""
+        if value and value < 1 << 20:
+            raise ValueError("worker_memory_limit_bytes must be at least 1 MiB (1048576), or 0/off for no limit")
+        return value
 
 
 @lru_cache

@@ -1,7 +1,8 @@
 """Validation of a job's input URIs: the source (s3://bucket/prefix/, file:// under the
-allowed roots, hf://org/name[@revision]) and the calibration text (file://, s3://bucket/key,
-s3://bucket/prefix/). Torch-free, so the API refuses a bad request before queueing and the
-worker re-checks with the very same rules before it reads anything."""
+allowed roots, hf://org/name[@revision], upload://<id>) and the calibration text (file://,
+s3://bucket/key, s3://bucket/prefix/, upload://<id>/path). Torch-free, so the API refuses a
+bad request before queueing and the worker re-checks with the very same rules before it
+reads anything. What a tenant may read of what these name is api/policy.py's to decide."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from urllib.parse import unquote
 
 from api.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
 from api.settings import Settings
+from api.text import unsafe_character
 
 if TYPE_CHECKING:
     from api.schemas import JobCreate
 
-SCHEMES = ("s3", "file", "hf")
+SCHEMES = ("s3", "file", "hf", "upload")
 CALIBRATION_SUFFIXES = (".txt", ".jsonl")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_REVISION = re.compile(r"[A-Za-z0-9._/-]+")
 _BARE_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+UPLOAD_ID = re.compile(r"upl_[0-9a-f]{20}")
 
 
 # --------------------------------------------------------------------------- URIs
@@ -49,13 +52,19 @@ def parse_source_uri(uri: str, settings: Settings) -> tuple[str, ...]:
     * ``("file", real_path)`` for ``file:///abs/path``; the path with symlinks resolved must lie
       inside one of ``settings.allowed_file_roots``
     * ``("hf", "org/name", revision)`` for ``hf://org/name[@revision]`` (revision "" = default branch)
+    * ``("upload", id, path)`` for ``upload://<id>[/path]`` (the caller's own upload; path "" = all of it)
     """
-    scheme, rest = _split(uri, SCHEMES, "s3://bucket/prefix, file:///path or hf://org/name[@revision]")
+    scheme, rest = _split(uri, SCHEMES, _SOURCE_FORMS)
     if scheme == "s3":
-        return _parse_s3(uri, rest)
+        return parse_s3(uri, rest)
     if scheme == "file":
         return _parse_file(uri, rest, settings)
+    if scheme == "upload":
+        return parse_upload(uri, rest)
     return _parse_hf(uri, rest)
+
+
+_SOURCE_FORMS = "s3://bucket/prefix, file:///path, hf://org/name[@revision] or upload://<id> (POST /v1/uploads)"
 
 
 def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
@@ -64,6 +73,9 @@ def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
         raise InvalidSource("the URI is empty")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
         raise InvalidSource("the URI contains NUL or control characters")
+    character = unsafe_character(uri)
+    if character is not None:  # bidi overrides and invisible characters would disguise the URI in logs
+        raise InvalidSource(f"the URI contains {character}; write it without format or control characters")
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in schemes:
@@ -75,19 +87,25 @@ def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def _parse_s3(uri: str, rest: str) -> tuple[str, ...]:
+def parse_s3(uri: str, rest: str) -> tuple[str, ...]:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise InvalidSource(f"{uri!r}: an s3:// URI needs a bucket: s3://bucket/prefix")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise InvalidSource(f"{uri!r}: {bucket!r} is not a valid bucket name")
-    if "?" in prefix or "#" in prefix:
+    return ("s3", bucket, _key_path(uri, prefix))
+
+
+def _key_path(uri: str, path: str) -> str:
+    """The object-key part of an s3:// or upload:// URI, without slashes at the ends: no
+    query, fragment, '.', '..' or empty segments."""
+    if "?" in path or "#" in path:
         raise InvalidSource(f"{uri!r}: query strings and fragments are not allowed")
-    prefix = prefix.strip("/")
-    _segments_ok(uri, prefix)
-    if "//" in prefix:
+    path = path.strip("/")
+    _segments_ok(uri, path)
+    if "//" in path:
         raise InvalidSource(f"{uri!r}: empty path segments are not allowed")
-    return ("s3", bucket, prefix)
+    return path
 
 
 def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
@@ -108,10 +126,18 @@ def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
     return ("file", str(real))
 
 
+def parse_upload(uri: str, rest: str) -> tuple[str, ...]:
+    """``upload://<id>[/path]``: one of the caller's uploads, or a file or folder in it."""
+    upload_id, _, path = rest.partition("/")
+    if not UPLOAD_ID.fullmatch(upload_id):
+        raise InvalidSource(f"{uri!r}: upload URIs are upload://<id>[/path] with the id POST /v1/uploads returned")
+    return ("upload", upload_id, _key_path(uri, path))
+
+
 def _parse_hf(uri: str, rest: str) -> tuple[str, ...]:
     repo_id, at, revision = rest.partition("@")
     parts = repo_id.split("/")
-    if len(parts) != 2 or not all(_HF_PART.fullmatch(p) for p in parts):
+    if len(parts) != 2 or not all(HF_PART.fullmatch(p) for p in parts):
         raise InvalidSource(f"{uri!r}: hf:// URIs name a repository as hf://org/name[@revision]")
     if ".." in repo_id or "--" in repo_id or len(repo_id) > 96:
         raise InvalidSource(f"{uri!r}: {repo_id!r} is not a valid repository id")
@@ -128,16 +154,21 @@ class CalibrationLocation:
     """Where a job's calibration text lies, as ``parse_calibration_uri`` checked it.
 
     ``file``: ``path`` is the real local path (a file or a directory). ``s3``: ``key`` is one
-    object, or with ``prefix`` every .txt/.jsonl object under ``key/`` ("" = the whole bucket)."""
+    object, or with ``prefix`` every .txt/.jsonl object under ``key/`` ("" = the whole bucket).
+    ``upload``: the same, ``key`` relative to the caller's upload ``upload``."""
 
-    scheme: Literal["file", "s3"]
+    scheme: Literal["file", "s3", "upload"]
     path: str = ""
     bucket: str = ""
     key: str = ""
     prefix: bool = False
+    upload: str = ""
 
 
-_CALIBRATION_FORMS = "file:///path, s3://bucket/key.txt (one object) or s3://bucket/prefix/ (every .txt/.jsonl under it)"
+_CALIBRATION_FORMS = (
+    "file:///path, s3://bucket/key.txt (one object), s3://bucket/prefix/ (every .txt/.jsonl under it) "
+    "or upload://<id>[/path] (an upload of yours)"
+)
 
 
 def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
@@ -145,19 +176,21 @@ def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
     valid bucket names); InvalidCalibrationSource naming the field otherwise. A trailing slash
     makes an s3:// URI a prefix; without one it must name a .txt or .jsonl object."""
     try:
-        scheme, rest = _split(uri, ("file", "s3"), _CALIBRATION_FORMS)
+        scheme, rest = _split(uri, ("file", "s3", "upload"), _CALIBRATION_FORMS)
         if scheme == "file":
             return CalibrationLocation("file", path=_parse_file(uri, rest, settings)[1])
-        _, bucket, key = _parse_s3(uri, rest)
+        _, bucket, key = (parse_upload if scheme == "upload" else parse_s3)(uri, rest)
     except InvalidSource as exc:
         raise InvalidCalibrationSource(f"calibration_data: {exc.message}") from None
+    # An upload's id is not a bucket: it is looked up in the caller's own area.
+    where = {"upload": bucket} if scheme == "upload" else {"bucket": bucket}
     if not key or rest.endswith("/"):
-        return CalibrationLocation("s3", bucket=bucket, key=key, prefix=True)
+        return CalibrationLocation(scheme, key=key, prefix=True, **where)
     if PurePosixPath(key).suffix.lower() not in CALIBRATION_SUFFIXES:
         raise InvalidCalibrationSource(
             f"calibration_data: {uri!r} must name a .txt or .jsonl object, or end with / to read every such object under a prefix"
         )
-    return CalibrationLocation("s3", bucket=bucket, key=key)
+    return CalibrationLocation(scheme, key=key, **where)
 
 
 def needs_calibration_data(request: JobCreate) -> str | None:

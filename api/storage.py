@@ -74,6 +74,8 @@ class ObjectStore(Protocol):
 
     def presigned_url(self, key: str, expires_in: int) -> str | None: ...
 
+    def presigned_put_url(self, key: str, expires_in: int) -> str | None: ...
+
     def open_read(self, key: str) -> BinaryIO: ...
 
     def ping(self) -> bool: ...
@@ -121,12 +123,19 @@ class LocalObjectStore:
         return path
 
     def upload_file(self, path: Path, key: str, *, sha256: str | None = None) -> None:
+        with open(path, "rb") as src, self.writer(key) as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """A file to write the object into; it appears under ``key`` only once the block
+        completes (a write that fails or is cut off leaves nothing behind)."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".upload")
         try:
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            with os.fdopen(fd, "wb") as dst:
+                yield dst
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -187,6 +196,10 @@ class LocalObjectStore:
     def presigned_url(self, key: str, expires_in: int) -> str | None:
         safe_key(key)
         return None  # the API streams local artifacts itself (open_read)
+
+    def presigned_put_url(self, key: str, expires_in: int) -> str | None:
+        safe_key(key)
+        return None  # the API receives local uploads itself (writer)
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -480,6 +493,68 @@ class S3ObjectStore:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_in)
         )
+
+    def presigned_put_url(self, key: str, expires_in: int) -> str | None:
+        """A URL that lets its holder, and nobody else, write this one object for a while."""
+        safe_key(key)
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_in)
+        )
+
+    # -- multipart uploads by clients: the API starts and finishes them, clients PUT the parts
+
+    def start_multipart(self, key: str) -> str:
+        safe_key(key)
+        with self._unavailable(f"start of a multipart upload to {self._uri(key)}"):
+            return self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+
+    def presigned_part_url(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
+        safe_key(key)
+        params = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number}
+        return self.client.generate_presigned_url("upload_part", Params=params, ExpiresIn=int(expires_in))
+
+    def uploaded_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str]] | None:
+        """(number, size, ETag) of each part received so far; None once the upload is no more
+        (finished or aborted)."""
+        from botocore.exceptions import ClientError
+
+        safe_key(key)
+        parts: list[tuple[int, int, str]] = []
+        with self._unavailable(f"listing of the parts of {self._uri(key)}"):
+            try:
+                for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                    parts += [(int(p["PartNumber"]), int(p["Size"]), p["ETag"]) for p in page.get("Parts", [])]
+            except ClientError as exc:
+                if _error_code(exc) in ("NoSuchUpload", "404"):
+                    return None
+                raise
+        return sorted(parts)
+
+    def finish_multipart(self, key: str, upload_id: str, parts: list[tuple[int, int, str]]) -> None:
+        """Join the parts into the object; one finished already (by a concurrent call) is left as it is."""
+        from botocore.exceptions import ClientError
+
+        safe_key(key)
+        listed = [{"PartNumber": number, "ETag": etag} for number, _, etag in parts]
+        with self._unavailable(f"completion of the multipart upload to {self._uri(key)}"):
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}
+                )
+            except ClientError as exc:
+                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                    raise
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        safe_key(key)
+        with self._unavailable(f"abort of the multipart upload to {self._uri(key)}"):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError as exc:
+                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                    raise
 
     def open_read(self, key: str) -> BinaryIO:
         from botocore.exceptions import ClientError

@@ -33,6 +33,7 @@ from loftq_client.models import (
     JobRequest,
     JobSummary,
     Progress,
+    Upload,
 )
 
 __all__ = [
@@ -55,5 +56,6 @@ __all__ = [
     "LoftQClientError",
     "Progress",
     "UnsafeArtifactPath",
+    "Upload",
     "parse_sse",
 ]

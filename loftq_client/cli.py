@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import httpx
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath
+from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, LoftQClientError, UnsafeArtifactPath
 from loftq_client.models import Evaluation, Event, Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -85,6 +86,10 @@ def _client(ctx: typer.Context) -> Iterator[LoftQClient]:
         raise _fail("unsafe_artifact_path", str(exc)) from None
     except TimeoutError as exc:
         raise _fail("timeout", str(exc)) from None
+    except FileNotFoundError as exc:
+        raise _fail("not_found", str(exc)) from None
+    except LoftQClientError as exc:
+        raise _fail("client_error", str(exc)) from None
     except httpx.HTTPError as exc:
         raise _fail("connection_error", f"{settings.url}: {exc}") from None
 
@@ -344,6 +349,25 @@ def logs(
         events = client.stream_events(job_id, after=after) if follow else client.iter_events(job_id, after=after)
         for event in events:
             typer.echo(_fmt_event(event))
+
+
+@app.command()
+def upload(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Model directory (or folder of calibration text) to upload.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the upload as JSON.")] = False,
+) -> None:
+    """Upload a directory into your own area of the service's storage; prints the upload's
+    source (upload://ID) to give to `submit` (as SOURCE, or --calibration-data)."""
+    with _client(ctx) as client:
+        uploaded = client.upload_model(
+            directory, on_file=lambda path, size: typer.echo(f"uploading {path} ({_fmt_bytes(size)})", err=True)
+        )
+    if json_output:
+        typer.echo(uploaded.model_dump_json(exclude={"files"}))
+    else:
+        typer.echo(uploaded.source)
+    typer.echo(f"{len(uploaded.files)} files, {_fmt_bytes(uploaded.size)}: submit with `loftq-jobs submit {uploaded.source}`", err=True)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from loftq_client.models import Artifact, ArtifactList, Event, EventPage, Job, JobPage
+from loftq_client.models import Artifact, ArtifactList, Event, EventPage, Job, JobPage, Upload, UploadTarget
 
 USER_AGENT = "loftq-client/0.1"
 _CHUNK = 1 << 20
@@ -338,6 +338,66 @@ class LoftQClient:
         finally:
             if bar is not None:
                 bar.stop()
+
+    # -- uploads --------------------------------------------------------------------------------
+
+    def upload_model(self, directory: str | os.PathLike[str], *, on_file: Any = None) -> Upload:
+        """Upload every file of a model directory (hidden ones skipped) into the tenant's own
+        area and complete the upload; returns it, with ``source`` (``upload://<id>``) to give to
+        :meth:`create_job`. Files go straight to storage on presigned URLs where the server has
+        them (large files in parts), else to the API. ``on_file(path, size)`` is called as
+        each file is sent."""
+        root = Path(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory")
+        files = sorted(
+            (path.relative_to(root).as_posix(), path)
+            for path in root.rglob("*")
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        )
+        if not files:
+            raise FileNotFoundError(f"{root} holds no files to upload")
+        declared = {name: path.stat().st_size for name, path in files}
+        upload = Upload.model_validate(self._json("POST", "/v1/uploads", json={"files": declared}))
+        local = dict(files)
+        for target in upload.files:
+            if on_file is not None:
+                on_file(target.path, target.size)
+            self._send_file(local[target.path], target)
+        return Upload.model_validate(self._json("POST", f"/v1/uploads/{_q(upload.id)}/complete"))
+
+    def get_upload(self, upload_id: str) -> Upload:
+        return Upload.model_validate(self._json("GET", f"/v1/uploads/{_q(upload_id)}"))
+
+    def delete_upload(self, upload_id: str) -> None:
+        self._request("DELETE", f"/v1/uploads/{_q(upload_id)}")
+
+    def _send_file(self, path: Path, target: UploadTarget) -> None:
+        """PUT the file, or each of its parts from its offset, to the target's URLs, streamed
+        with its Content-Length (S3 takes no chunked uploads); never whole in memory."""
+        pieces, offset = [], 0
+        for part in target.parts or []:
+            pieces.append((part.url, offset, part.size))
+            offset += part.size
+        if target.url:
+            pieces = [(target.url, 0, target.size)]
+        with open(path, "rb") as fh:
+            for url, offset, size in pieces:
+
+                def body(offset: int = offset, size: int = size) -> Iterator[bytes]:
+                    fh.seek(offset)
+                    left = size
+                    while left:
+                        chunk = fh.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise LoftQClientError(f"{path} is shorter than its declared {target.size} bytes (changed while uploading?)")
+                        left -= len(chunk)
+                        yield chunk
+
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+                response = self._http.put(url, content=body(), headers=headers)
+                if not response.is_success:
+                    raise ApiError.from_response(response)
 
     # -- artifacts ------------------------------------------------------------------------------
 

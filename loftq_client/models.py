@@ -158,3 +158,32 @@ __all__ = [
     "JobSummary",
     "Progress",
 ]
+
+
+class UploadPart(_Model):
+    number: int
+    size: int
+    url: str
+
+
+class UploadTarget(_Model):
+    """Where one file goes: ``url`` (one PUT of the whole file) or ``parts`` (one PUT per part)."""
+
+    path: str
+    size: int
+    url: str | None = None
+    parts: list[UploadPart] | None = None
+
+
+class Upload(_Model):
+    """A model directory (or calibration text) brought into the tenant's own area; ``source``
+    (``upload://<id>``) is what a job names once ``state`` is ``complete``."""
+
+    id: str
+    state: str
+    source: str
+    created_at: datetime
+    completed_at: datetime | None = None
+    urls_expire_at: datetime | None = None
+    size: int = 0
+    files: list[UploadTarget] = Field(default_factory=list)

@@ -422,8 +422,9 @@ def wait_until() -> Callable[..., None]:
 
 @pytest.fixture(scope="session")
 def start_api(wait_until) -> Callable[[dict, Path], tuple[subprocess.Popen, str]]:
-    """Start the API (uvicorn, loopback, a free port) with ``env``, logging to ``log``; returns
-    the process and its base URL once /readyz answers."""
+    """Start the API the way production does (``python -m api.server``: uvicorn with the
+    settings' timeouts and limits; loopback, a free port) with ``env``, logging to ``log``;
+    returns the process and its base URL once /readyz answers."""
     import sys
 
     import httpx
@@ -433,7 +434,7 @@ def start_api(wait_until) -> Callable[[dict, Path], tuple[subprocess.Popen, str]
     def start(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
         port = free_port()
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "api.server", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{port}"
@@ -445,3 +446,46 @@ def start_api(wait_until) -> Callable[[dict, Path], tuple[subprocess.Popen, str]
         return api, base
 
     return start
+
+
+# --------------------------------------------------------------------------- jobs on a running service
+
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+"""The states a job ends in."""
+
+
+def submit_job(client, source: str, options: dict | None = None, **fields) -> str:
+    """POST /v1/jobs through ``client`` (an httpx.Client on the API); the job's id, once 202."""
+    response = client.post("/v1/jobs", json={"source": source, "options": options or {}, **fields})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def wait_for_job(client, job_id: str, until: Callable[[dict], bool] = lambda job: job["state"] in FINISHED,
+                 timeout: float = 180) -> dict:
+    """Poll until ``until(job)``, by default until the job has ended; the job as last seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} after {timeout} s: {job['state']}, {job['error']}, {job['progress']}")
+        time.sleep(0.1)
+
+
+def output_keys(s3, bucket: str, job: dict) -> list[str]:
+    """The keys stored under the job's output prefix."""
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=job["output"].rstrip("/") + "/")
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def pool_children(worker: subprocess.Popen) -> list[int]:
+    """The Celery parent's child processes (its prefork pool: one with --concurrency 1)."""
+    import contextlib
+
+    children = []
+    for task in Path(f"/proc/{worker.pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children

@@ -48,7 +48,7 @@ def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
     from worker.sources import open_source
 
     store, enqueue = runner.store, _enqueue(runner)
-    source = open_source(job.request.source, runner.settings, scratch / "source")
+    source = open_source(job.request.source, runner.settings, scratch / "source", tenant=job.tenant)
     checkpoint, _, layout = plan(source, runner.options(job))
     parts = store.init_parts(job.id, plan_parts(list(checkpoint.shards), job.request.shards_per_part))
     progress = store.get(job.id).progress
@@ -84,18 +84,12 @@ class PartRunner:
         """False: another worker holds this part's lease (like ``JobRunner.run``)."""
         if self.store.get(job_id).state.finished:
             return True
-        lease = JobStore.part_lease_id(job_id, part)
-        ttl = self.settings.lease_seconds
-        if not self.store.acquire_lease(lease, self.runner.owner, ttl):
-            log.info("part %d of job %s is leased by another worker; this delivery is dropped", part, job_id)
-            return False
-        keeper = LeaseKeeper(self.store, lease, self.runner.owner, ttl)
-        keeper.start()
-        try:
-            self._run_leased(self.store.get(job_id), part, keeper)
-        finally:
-            keeper.stopped.set()
-            self.store.release_lease(lease, self.runner.owner)
+        # The part's own lease, kept and enforced like a job's (JobRunner.lease, worker/watchdog.py).
+        with self.runner.lease(JobStore.part_lease_id(job_id, part), job_id) as held:
+            if not held:
+                log.info("part %d of job %s is leased by another worker; this delivery is dropped", part, job_id)
+                return False
+            self._run_leased(self.store.get(job_id), part, self.runner.keeper)
         return True
 
     def _run_leased(self, job: Job, part: int, keeper: LeaseKeeper) -> None:
@@ -153,7 +147,7 @@ class PartRunner:
         from worker.sources import ObjectStoreDestination, open_source
 
         apply_torch_threads(self.settings)
-        source = open_source(job.request.source, self.settings, scratch / "source")
+        source = open_source(job.request.source, self.settings, scratch / "source", tenant=job.tenant)
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started_at = job.started_at or job.created_at
 

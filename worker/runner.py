@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -24,12 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import redis
+from pydantic import ValidationError
 
-from api.errors import InvalidTransition, ServiceError
-from api.jobstore import MERGE, JobStore
-from api.schemas import CalibrationSummary, ErrorInfo, EvaluationSummary, Job, JobState, JobSummary, Progress
+from api.errors import InvalidTransition, ServiceError, request_validation_error
+from api.jobstore import MERGE, JobStore, NotLeaseHolder
+from api.schemas import CalibrationSummary, ErrorInfo, EvaluationSummary, Job, JobCreate, JobState, JobSummary, Progress
 from api.settings import Settings
 from api.storage import ObjectStore, store_from_settings
+from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +48,29 @@ class LeaseKeeper(threading.Thread):
     """Renews the job's lease while it runs; a dead worker's lease expires and frees the job.
 
     A Redis hiccup does not stop the renewals; a lease that is really gone (expired and taken,
-    or deleted) sets ``lost``, which the running conversion checks between layers."""
+    or deleted) sets ``lost``, which the running conversion checks between layers. The
+    ``watchdog`` process (worker/watchdog.py) renews it too, from outside this interpreter,
+    which may be unable to run (GIL held, process stopped); if it exits while the job runs,
+    nothing would keep a stuck job from being handed out again, so this process kills itself."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, ttl: float) -> None:
+    def __init__(self, store: JobStore, job_id: str, owner: str, ttl: float, watchdog: Watchdog | None = None) -> None:
         super().__init__(daemon=True, name=f"lease-{job_id}")
         self.store, self.job_id, self.owner, self.ttl = store, job_id, owner, ttl
+        self.watchdog = watchdog
         self.stopped = threading.Event()
         self.lost = threading.Event()
 
+    def stop(self) -> None:
+        """Stop renewing, and the watchdog with it (waiting until it has exited)."""
+        self.stopped.set()  # first: the watchdog's exit is expected from here on
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
     def run(self) -> None:
         while not self.stopped.wait(self.ttl / 3):
+            if self.watchdog is not None and not self.watchdog.alive() and not self.stopped.is_set():
+                log.error("the lease watchdog of %s exited while its job runs; killing this process", self.job_id)
+                os.kill(os.getpid(), signal.SIGKILL)
             try:
                 renewed = self.store.renew_lease(self.job_id, self.owner, self.ttl)
             except redis.RedisError as exc:
@@ -98,6 +114,9 @@ class JobRunner:
         self.worker = worker or socket.gethostname()  # the Celery node name, recorded per part
         self.enqueue = enqueue
         self.keeper: LeaseKeeper | None = None
+        self.held: str | None = None  # the lease the work runs under now; ends are fenced with it
+        # The task's soft time limit (worker/tasks.py) as a time the watchdog can act on.
+        self.deadline = time.time() + settings.job_timeout_seconds
 
     def run(self, job_id: str, *, merge: bool = False) -> bool:
         """Run the job unless it has ended. False: another worker holds its lease (this is a
@@ -107,18 +126,43 @@ class JobRunner:
         ``merge``: the last step of a distributed job, after all its parts are done."""
         if self.store.get(job_id).state.finished:
             return True  # a redelivered message for a job that already ended
-        ttl = self.settings.lease_seconds
-        if not self.store.acquire_lease(job_id, self.owner, ttl):
-            log.info("job %s is leased by another worker; this delivery is dropped", job_id)
-            return False
-        keeper = self.keeper = LeaseKeeper(self.store, job_id, self.owner, ttl)
-        keeper.start()
-        try:
+        with self.lease(job_id, job_id) as held:
+            if not held:
+                log.info("job %s is leased by another worker; this delivery is dropped", job_id)
+                return False
             self._run_leased(self.store.get(job_id), merge=merge)
-        finally:
-            keeper.stopped.set()
-            self.store.release_lease(job_id, self.owner)
         return True
+
+    @contextmanager
+    def lease(self, lease_id: str, job_id: str) -> Iterator[bool]:
+        """Hold ``lease_id`` (the job's, or a part's) for the block; False: another worker holds it.
+
+        Renewed by a ``LeaseKeeper`` thread and by a watchdog process (worker/watchdog.py),
+        which keeps it while this process is alive but cannot run, and kills this process
+        when the job is cancelled or past its time limit and has not stopped within
+        ``cancel_grace_seconds``. Ends recorded meanwhile are fenced with the lease."""
+        ttl = self.settings.lease_seconds
+        if not self.store.acquire_lease(lease_id, self.owner, ttl):
+            yield False
+            return
+        outer = self.keeper, self.held  # a part's, while its process merges under the job's lease
+        try:
+            watchdog = Watchdog.start(
+                self.store, job_id=job_id, lease=lease_id, owner=self.owner, ttl=ttl,
+                grace=self.settings.cancel_grace_seconds, deadline=self.deadline,
+                timeout_seconds=self.settings.job_timeout_seconds,
+            )
+        except BaseException:
+            self.store.release_lease(lease_id, self.owner)
+            raise
+        self.keeper, self.held = LeaseKeeper(self.store, lease_id, self.owner, ttl, watchdog), lease_id
+        self.keeper.start()
+        try:
+            yield True
+        finally:
+            self.keeper.stop()
+            self.keeper, self.held = outer
+            self.store.release_lease(lease_id, self.owner)
 
     def _run_leased(self, job: Job, *, merge: bool = False) -> None:
         artifacts = store_from_settings(self.settings)
@@ -187,7 +231,13 @@ class JobRunner:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def options(self, job: Job):  # -> loftq.options.ConvertOptions
-        """The job's engine options on this worker's device."""
+        """The job's engine options on this worker's device. The request is validated afresh:
+        the job store reads records leniently (a check added since the job was submitted must
+        not make it unreadable), so one the current checks refuse fails here, invalid_request."""
+        try:
+            JobCreate.model_validate(job.request.model_dump(mode="json"))
+        except ValidationError as exc:
+            raise request_validation_error(exc.errors()) from None
         options = job.request.options
         if options.device == "auto" and self.settings.device != "auto":
             options = options.model_copy(update={"device": self.settings.device})
@@ -216,8 +266,10 @@ class JobRunner:
         calibration_data = None
         if job.request.calibration_data is not None:
             self.store.update_progress(job.id, self._progress(job.id, stage="downloading"))
-            calibration_data = fetch_calibration_data(job.request.calibration_data, self.settings, scratch / "calibration")
-        source = open_source(job.request.source, self.settings, scratch / "source")
+            calibration_data = fetch_calibration_data(
+                job.request.calibration_data, self.settings, scratch / "calibration", tenant=job.tenant
+            )
+        source = open_source(job.request.source, self.settings, scratch / "source", tenant=job.tenant)
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         # The engine (and torch) are imported here, in the worker's child process only, and
         # after the source is found: a job whose source is missing fails without the import.
@@ -304,13 +356,19 @@ class JobRunner:
             self._end(job.id, JobState.failed, ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"))
 
     def _end(self, job_id: str, state: JobState, error: ErrorInfo | None = None, summary: JobSummary | None = None) -> None:
-        """Record the end state; a brief Redis outage must not leave the job running forever."""
+        """Record the end state; a brief Redis outage must not leave the job running forever.
+        Only while this runner holds the lease it runs under: one that lost it is not the
+        attempt the job's end belongs to."""
+        holder = (self.held, self.owner) if self.held is not None else None
         for attempt in range(5):
             try:
-                self.store.transition(job_id, state, error=error, summary=summary)
+                self.store.transition(job_id, state, error=error, summary=summary, holder=holder)
                 return
             except InvalidTransition:
                 log.info("job %s already ended; %s not recorded", job_id, state.value)
+                return
+            except NotLeaseHolder as exc:
+                log.warning("job %s: %s; %s not recorded", job_id, exc, state.value)
                 return
             except redis.RedisError:
                 if attempt == 4:

@@ -11,19 +11,22 @@ Calibration text (``fetch_calibration_data``) is read whole by the engine, so it
 before the conversion starts: file:// in place, S3 objects into the scratch directory, never
 more than ``settings.calibration_max_bytes``.
 
-Source URIs are validated by ``api.sources.parse_source_uri``, calibration URIs by
-``api.sources.parse_calibration_uri``.
+Every URI is checked again here, before anything is read, by the policy the API applied at
+submission (``api.policy.SourcePolicy``): the job's tenant reads only what it may, with its
+own Hub token or none, and each local file is checked as it is met.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,29 +34,47 @@ from loftq.errors import LoftQError, SourceNotFound, UnsafePath
 from loftq.storage import MANIFEST_NAME
 
 from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
+from api.policy import SourcePolicy, upload_prefix
 from api.settings import Settings
-from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match, parse_calibration_uri, parse_source_uri
-from api.storage import ObjectStore, S3ObjectStore, StorageUnavailable, StoredObject, UnsafeKey, s3_store, sha256_file, safe_key
+from api.text import unsafe_character
+from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match
+from api.storage import (
+    ObjectStore,
+    S3ObjectStore,
+    StorageUnavailable,
+    StoredObject,
+    UnsafeKey,
+    s3_store,
+    safe_key,
+    sha256_file,
+    store_from_settings,
+)
 
 log = logging.getLogger(__name__)
 
 
 
-def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
-    """The engine Source for ``uri``; downloads go to ``scratch`` one file at a time.
+def open_source(uri: str, settings: Settings, scratch: Path, *, tenant: str) -> Any:
+    """The engine Source for ``uri`` as ``tenant`` may read it (api/policy.py, checked again
+    here: the job waited in a queue, and the policy may have changed); downloads go to
+    ``scratch`` one file at a time.
 
     A checkpoint above ``settings.max_model_bytes`` (from the listing: nothing is downloaded)
     is refused here, so every path that converts (a job, a part, a merge) checks it."""
-    parsed = parse_source_uri(uri, settings)
+    policy = SourcePolicy(settings)
+    parsed = policy.check_source(uri, tenant)
     scratch = Path(scratch)
     if parsed[0] == "file":
-        source = _confined_local_source()(parsed[1], list(settings.allowed_file_roots))
+        source = _confined_local_source()(parsed[1], lambda real: _check_local_file("source", uri, tenant, real, policy))
     else:
         scratch.mkdir(parents=True, exist_ok=True)
         if parsed[0] == "s3":
             source = S3Source(parsed[1], parsed[2], scratch, store=s3_store(settings, parsed[1]))
+        elif parsed[0] == "upload":
+            prefix = "/".join(filter(None, (upload_prefix(tenant, parsed[1]), parsed[2])))
+            source = S3Source("", prefix, scratch, store=store_from_settings(settings), name=uri.rstrip("/"))
         else:
-            source = HubSource(parsed[1], parsed[2] or None, scratch)
+            source = HubSource(parsed[1], parsed[2] or None, scratch, token=policy.hub_token(tenant))
     size = source.total_bytes()
     if size > settings.max_model_bytes:
         raise ModelTooLarge(
@@ -62,23 +83,59 @@ def open_source(uri: str, settings: Settings, scratch: Path) -> Any:
     return source
 
 
+def _check_local_file(what: str, uri: str, tenant: str, path: Path, policy: SourcePolicy) -> None:
+    """A file or directory met while reading a file:// URI: its real path must lie inside the
+    allowed roots (UnsafePath) and what the tenant may read (SourceNotAllowed), and a file
+    must have no other names. A hard link is a second name for the same bytes that the root
+    check cannot see through: one made by anyone with write access to an allowed root from a
+    file elsewhere would pass every path check, so linked files are refused outright."""
+    real = os.path.realpath(path)
+    shown = f"{what}: {uri}: {path.name}"
+    if file_root_match(Path(real), list(policy.settings.allowed_file_roots)) is None:
+        raise UnsafePath("leads outside the allowed file roots", path=shown)
+    policy.check_file(what, uri, tenant, real)
+    info = os.stat(real)
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise UnsafePath(f"is a hard link ({info.st_nlink} names for one file); copy the file instead", path=shown)
+
+
 @functools.cache
 def _confined_local_source() -> type:
-    """loftq.storage.LocalSource that also refuses files whose real path leaves the allowed
-    roots (a symlink inside the checkpoint directory pointing at /etc/...). Built on first use
-    so that importing this module does not import torch."""
+    """loftq.storage.LocalSource that checks every file and directory it lists or opens with
+    ``check`` (``_check_local_file``): a symlink inside the checkpoint directory pointing at
+    /etc, at the service's data or at a directory the tenant was not granted is refused, and
+    the directories such links lead to are never listed. Built on first use so that importing
+    this module does not import torch."""
     from loftq.storage import LocalSource
 
     class ConfinedLocalSource(LocalSource):
-        def __init__(self, root: str, allowed_roots: list[Path]) -> None:
+        def __init__(self, root: str, check: Callable[[Path], None]) -> None:
             super().__init__(root)
-            self.allowed_roots = allowed_roots
+            self.check = check
+            self._files: list[str] | None = None
+
+        def list_files(self) -> list[str]:
+            if self._files is None:
+                files, seen = [], set()
+                for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+                    directory = Path(dirpath)
+                    self.check(directory)  # before anything under it is named
+                    real = os.path.realpath(directory)
+                    if real in seen:  # a symlink loop, or a directory linked twice: listed once
+                        dirnames.clear()
+                        continue
+                    seen.add(real)
+                    dirnames.sort()
+                    for filename in filenames:
+                        self.check(directory / filename)
+                        files.append((directory / filename).relative_to(self.root).as_posix())
+                self._files = sorted(files)
+            return list(self._files)
 
         @contextlib.contextmanager
         def open_local(self, name: str) -> Iterator[Path]:
             with super().open_local(name) as path:
-                if file_root_match(Path(os.path.realpath(path)), self.allowed_roots) is None:
-                    raise UnsafePath("file leads outside the allowed file roots", path=name)
+                self.check(path)  # again: the directory may have changed since it was listed
                 yield path
 
         def total_bytes(self) -> int:
@@ -91,10 +148,14 @@ def _confined_local_source() -> type:
 
 
 def _checkpoint_name(name: str) -> str:
-    """Refuse object names that would escape the checkpoint, like loftq.storage.safe_relative."""
+    """Refuse object names that would escape the checkpoint, like loftq.storage.safe_relative,
+    or that carry format characters (a bidi override would disguise the name in logs)."""
     path = PurePosixPath(name)
     if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) != name:
         raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
+    character = unsafe_character(name)
+    if character is not None:
+        raise UnsafePath(f"file name {name!r} in checkpoint contains {character}")
     return name
 
 
@@ -110,7 +171,8 @@ def _scratch_file(scratch: Path, name: str) -> Iterator[Path]:
 
 
 class S3Source:
-    """A checkpoint stored as objects under ``s3://bucket/prefix/``."""
+    """A checkpoint stored as objects under ``s3://bucket/prefix/``, or under any prefix of an
+    ObjectStore (an upload in the artifact store, local or S3)."""
 
     def __init__(
         self,
@@ -122,11 +184,13 @@ class S3Source:
         region: str = "us-east-1",
         client: Any = None,
         store: ObjectStore | None = None,
+        name: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.scratch = Path(scratch)
-        self.name = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        # What messages call it: the URI the tenant gave, never a key it did not name.
+        self.name = name or (f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}")
         self.store = store or S3ObjectStore(bucket, endpoint_url=endpoint_url, region=region, client=client)
         self._objects: dict[str, tuple[str, int]] | None = None  # name -> (key, size)
 
@@ -174,22 +238,48 @@ class S3Source:
             yield path
 
 
-def _hub_missing_errors() -> tuple[type[BaseException], ...]:
+@contextlib.contextmanager
+def _hub_errors(path: str, doing: str) -> Iterator[None]:
+    """The Hub's errors as the job codes they mean: a repository, revision or file that is not
+    there (or is private or gated to this tenant's token) is source_not_found; a Hub that
+    cannot be reached (offline mode, connection errors, 5xx and 429 after the client's own
+    retries) is storage_unavailable, like S3 that stays down."""
+    import httpx
     from huggingface_hub import errors
 
-    names = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HFValidationError")
-    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+    try:
+        yield
+    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, httpx.TransportError, ConnectionError) as exc:
+        raise StorageUnavailable(f"{doing} {path}: the Hugging Face Hub cannot be reached ({type(exc).__name__})") from exc
+    except errors.GatedRepoError as exc:
+        raise SourceNotFound(
+            "the repository is gated: its terms must be accepted with a Hub token, and the operator gives tenants "
+            "theirs in LOFTQ_HF_TOKENS",
+            path=path,
+        ) from exc
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError) as exc:
+        raise SourceNotFound(
+            f"not found ({type(exc).__name__}); private repositories need a Hub token for your tenant (LOFTQ_HF_TOKENS)",
+            path=path,
+        ) from exc
+    except errors.HFValidationError as exc:
+        raise SourceNotFound(f"not a valid repository or revision: {exc}", path=path) from exc
+    except errors.HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None and (status >= 500 or status == 429):
+            raise StorageUnavailable(f"{doing} {path}: the Hugging Face Hub answered {status}") from exc
+        raise SourceNotFound(f"the Hub refused the request ({status})", path=path) from exc
 
 
 class HubSource:
     """A model repository on the Hugging Face Hub; one file downloaded at a time, outside the
     Hub cache (``local_dir`` in a scratch directory), deleted after use."""
 
-    def __init__(self, repo_id: str, revision: str | None, scratch: Path, *, token: str | None = None) -> None:
+    def __init__(self, repo_id: str, revision: str | None, scratch: Path, *, token: str | bool = False) -> None:
         self.repo_id = repo_id
         self.revision = revision or None
         self.scratch = Path(scratch)
-        self.token = token
+        self.token = token  # False: anonymous; None would let huggingface_hub use the worker's own login
         # base_model_name_or_path in the adapter config: what PEFT/transformers load the base by.
         self.name = repo_id
         self.uri = f"hf://{repo_id}@{revision}" if revision else f"hf://{repo_id}"
@@ -199,10 +289,8 @@ class HubSource:
         if self._files is None:
             import huggingface_hub
 
-            try:
+            with _hub_errors(self.uri, "listing"):
                 files = huggingface_hub.HfApi().list_repo_files(self.repo_id, revision=self.revision, token=self.token)
-            except _hub_missing_errors() as exc:
-                raise SourceNotFound(f"repository or revision not found: {exc}", path=self.uri) from exc
             names = sorted(_checkpoint_name(f) for f in files)
             if not names:
                 raise SourceNotFound("the repository holds no files", path=self.uri)
@@ -213,10 +301,8 @@ class HubSource:
         """From the repository's file metadata (sizes of LFS and regular files)."""
         import huggingface_hub
 
-        try:
+        with _hub_errors(self.uri, "reading the file sizes of"):
             info = huggingface_hub.HfApi().model_info(self.repo_id, revision=self.revision, files_metadata=True, token=self.token)
-        except _hub_missing_errors() as exc:
-            raise SourceNotFound(f"repository or revision not found: {exc}", path=self.uri) from exc
         return sum(sibling.size or 0 for sibling in info.siblings or [])
 
     @contextlib.contextmanager
@@ -228,12 +314,10 @@ class HubSource:
         self.scratch.mkdir(parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(dir=self.scratch, prefix="hf-"))
         try:
-            try:
+            with _hub_errors(f"{self.uri}/{name}", "downloading"):
                 downloaded = huggingface_hub.hf_hub_download(
                     self.repo_id, name, revision=self.revision, local_dir=directory, token=self.token
                 )
-            except _hub_missing_errors() as exc:
-                raise SourceNotFound(f"download failed: {exc}", path=f"{self.uri}/{name}") from exc
             yield Path(downloaded)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -242,21 +326,30 @@ class HubSource:
 # --------------------------------------------------------------------------- calibration text
 
 
-def fetch_calibration_data(uri: str, settings: Settings, scratch: Path, *, store: ObjectStore | None = None) -> Path:
+def fetch_calibration_data(
+    uri: str, settings: Settings, scratch: Path, *, tenant: str, store: ObjectStore | None = None
+) -> Path:
     """The local path the engine reads ``uri``'s calibration text from.
 
     file://: the path itself, read in place, once every file and directory in it is checked
     to lie inside the allowed roots (a symlink must not smuggle /etc into the text). s3://:
     one object, or every .txt/.jsonl object under a prefix (relative names kept), downloaded
     into ``scratch``, which must not hold anything else. The total size is checked against
-    ``settings.calibration_max_bytes`` before anything is read or downloaded."""
-    location = parse_calibration_uri(uri, settings)
+    ``settings.calibration_max_bytes`` before anything is read or downloaded. upload://: the
+    same as s3://, in the tenant's own uploads. ``tenant`` reads only what it may."""
+    policy = SourcePolicy(settings)
+    location = policy.check_calibration(uri, tenant)
     limit = settings.calibration_max_bytes
     if location.scheme == "file":
         path = Path(location.path)
-        _check_size(uri, _local_calibration_bytes(uri, path, list(settings.allowed_file_roots)), limit)
+        check = functools.partial(_check_local_file, "calibration_data", uri, tenant, policy=policy)
+        _check_size(uri, _local_calibration_bytes(uri, path, check), limit)
         return path
-    if store is None:
+    if location.scheme == "upload":
+        area = upload_prefix(tenant, location.upload)
+        location = dataclasses.replace(location, key="/".join(filter(None, (area, location.key))))
+        store = store or store_from_settings(settings)
+    elif store is None:
         store = s3_store(settings, location.bucket)
     objects = _calibration_objects(uri, location, store)
     _check_size(uri, sum(obj.size for _, obj in objects), limit)
@@ -266,7 +359,7 @@ def fetch_calibration_data(uri: str, settings: Settings, scratch: Path, *, store
         try:
             store.download_file(obj.key, scratch / name)
         except FileNotFoundError as exc:
-            raise CalibrationDataNotFound(f"calibration_data: {uri}: {obj.key!r} disappeared from the bucket") from exc
+            raise CalibrationDataNotFound(f"calibration_data: {uri}: {name!r} disappeared") from exc
     return scratch if location.prefix else scratch / objects[0][0]
 
 
@@ -285,23 +378,25 @@ def _is_calibration_file(name: str) -> bool:
     return path.suffix.lower() in CALIBRATION_SUFFIXES and not any(part.startswith(".") for part in path.parts)
 
 
-def _local_calibration_bytes(uri: str, path: Path, roots: list[Path]) -> int:
+def _local_calibration_bytes(uri: str, path: Path, check: Callable[[Path], None]) -> int:
     """Bytes of calibration text at ``path`` (a file, or a directory walked through its
-    symlinks); every real path met must lie inside ``roots``."""
+    symlinks); ``check`` (``_check_local_file``) passes every file and directory met."""
 
-    def confined(real: str) -> None:
-        if file_root_match(Path(real), roots) is None:
-            raise InvalidCalibrationSource(f"calibration_data: {uri}: {real} leads outside the allowed file roots")
+    def confined(entry: Path) -> None:
+        try:
+            check(entry)
+        except UnsafePath as exc:  # this field's own code: the client learns which URI to fix
+            raise InvalidCalibrationSource(str(exc)) from None
 
     if path.is_file():
-        confined(os.path.realpath(path))
+        confined(path)
         return path.stat().st_size
     if not path.is_dir():
         raise CalibrationDataNotFound(f"calibration_data: {uri}: no such file or directory")
     total, found, seen = 0, 0, set()
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        confined(Path(dirpath))
         real_dir = os.path.realpath(dirpath)
-        confined(real_dir)
         if real_dir in seen:  # a symlink loop, or a directory linked twice: read once
             dirnames.clear()
             continue
@@ -310,7 +405,7 @@ def _local_calibration_bytes(uri: str, path: Path, roots: list[Path]) -> int:
         for filename in filenames:
             file = Path(dirpath) / filename
             if _is_calibration_file(filename) and file.is_file():
-                confined(os.path.realpath(file))
+                confined(file)
                 total += file.stat().st_size
                 found += 1
     if not found:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from api.auth import DEFAULT_TENANT, tenant_prefix
-from api.deps import QueueDep, SettingsDep, StoreDep, TenantDep
+from api.deps import PolicyDep, EventHubDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from api.errors import (
     IdempotencyKeyReused,
     InvalidCalibrationSource,
@@ -23,13 +21,16 @@ from api.errors import (
     Unauthorized,
     Unavailable,
 )
+from api.event_stream import EventStreamResponse
 from api.jobstore import JobStore
+from api.policy import SourceNotAllowed
 from api.schemas import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState, error_responses
 from api.settings import Settings
 from api.sources import check_job_inputs
+from api.uploads import UploadIncomplete, UploadStore, require_complete
+from api.text import unsafe_message
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-HEARTBEAT_MS = 15_000
 EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
 _STREAM_ID_PART_MAX = 2**64 - 1
 CALLER_ERRORS = (Unauthorized, InvalidRequest, Unavailable)
@@ -60,6 +61,8 @@ SUBMIT_RESPONSES = {
         MalformedJson,
         InvalidSource,
         InvalidCalibrationSource,
+        SourceNotAllowed,
+        UploadIncomplete,
         IdempotencyKeyReused,
         RequestTooLarge,
         (TooManyRequests, "rate_limited"),
@@ -75,6 +78,7 @@ def create_job(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    policy: PolicyDep,
     tenant: TenantDep,
     idempotency_key: Annotated[
         str | None,
@@ -88,8 +92,15 @@ def create_job(
     ] = None,
 ) -> Job:
     """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
-    options that need calibration data without it are 422 here, not a failed job later."""
+    options that need calibration data without it are 422 here, not a failed job later,
+    and so is a source or calibration text the tenant may not read (api/policy.py)."""
     check_job_inputs(body, settings)
+    policy.check_inputs(body, tenant)
+    uploads = UploadStore(store.client, store.prefix)
+    require_complete(body.source, "source", tenant, uploads)
+    require_complete(body.calibration_data, "calibration_data", tenant, uploads)
+    if idempotency_key is not None:
+        _check_idempotency_key(idempotency_key)
     if tenant == DEFAULT_TENANT and body.output and body.output.split("/", 1)[0] == "tenants":
         raise InvalidRequest("output: the tenants/ prefix is reserved for the artifacts of API-key tenants")
     if idempotency_key is None:
@@ -113,9 +124,22 @@ def create_job(
     return job
 
 
-def _check_limits(store: JobStore, settings: Settings, tenant: str) -> None:
-    """Per-tenant limits on new jobs: 429 with Retry-After, before anything is created (a
-    replayed Idempotency-Key request returns its job and is not counted)."""
+def _check_idempotency_key(key: str) -> None:
+    """422 for a key with format or control characters: it reaches logs and the job store.
+    Header values arrive decoded as Latin-1; a client's UTF-8 is decoded back first so that the
+    message names the character it sent."""
+    try:
+        text = key.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = key
+    problem = unsafe_message(text)
+    if problem:
+        raise InvalidRequest(f"Idempotency-Key: {problem}")
+
+
+def check_submission_rate(store: JobStore, settings: Settings, tenant: str) -> None:
+    """429 ``rate_limited`` with Retry-After above LOFTQ_SUBMISSIONS_PER_MINUTE; counts this
+    submission otherwise (new jobs and new uploads share the budget)."""
     wait = store.take_submission(tenant, settings.submissions_per_minute)
     if wait:
         raise TooManyRequests(
@@ -123,6 +147,12 @@ def _check_limits(store: JobStore, settings: Settings, tenant: str) -> None:
             code="rate_limited",
             retry_after=wait,
         )
+
+
+def _check_limits(store: JobStore, settings: Settings, tenant: str) -> None:
+    """Per-tenant limits on new jobs: 429 with Retry-After, before anything is created (a
+    replayed Idempotency-Key request returns its job and is not counted)."""
+    check_submission_rate(store, settings, tenant)
     if store.count_queued(tenant) >= settings.max_queued_jobs_per_tenant:
         raise TooManyRequests(
             f"{settings.max_queued_jobs_per_tenant} jobs are queued already (LOFTQ_MAX_QUEUED_JOBS_PER_TENANT); "
@@ -137,7 +167,9 @@ def list_jobs(
     store: StoreDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64, description="next_after of the previous page")] = None,
+    after: Annotated[
+        str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="next_after of the previous page (a job id)")
+    ] = None,
     state: JobState | None = None,
 ) -> JobPage:
     """The caller's jobs, newest first, with cursor pagination."""
@@ -191,32 +223,19 @@ def list_events(
             "description": "Server-sent events (id, event, data: the event as JSON) and heartbeat comments.",
             "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
         },
-        **error_responses(*JOB_ERRORS),
+        **error_responses(*JOB_ERRORS, (TooManyRequests, "too_many_streams")),
     },
 )
-def stream_events(
+async def stream_events(
     job_id: str,
-    store: StoreDep,
+    hub: EventHubDep,
     tenant: TenantDep,
     after: Annotated[str | None, Query(max_length=64, pattern=EVENT_CURSOR)] = None,
 ) -> StreamingResponse:
-    """The same events as server-sent events; the stream ends when the job has ended."""
+    """The same events as server-sent events; the stream ends when the job has ended. Served
+    by the process's event hub (api/event_stream.py): a follower holds no thread, and at most
+    LOFTQ_MAX_EVENT_STREAMS_PER_TENANT streams per tenant are open at once (429 above)."""
     after = _event_cursor(after)
-    store.get(job_id, tenant=tenant)
-
-    def frames() -> Iterator[str]:
-        cursor = after
-        while True:
-            # Read the state before the events: a job that ended in between still has its
-            # final event sent on the next turn.
-            finished = store.get(job_id).state.finished
-            page = store.events(job_id, after=cursor)
-            for event in page.events:
-                cursor = event.id
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
-            if finished and not page.events:
-                return
-            if not page.events and not store.wait_events(job_id, after=cursor, timeout_ms=HEARTBEAT_MS):
-                yield ": heartbeat\n\n"
-
-    return StreamingResponse(frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    await hub.job(job_id, tenant=tenant)
+    release = hub.slots.take(tenant)
+    return EventStreamResponse(hub.frames(job_id, after), on_close=release)

@@ -42,7 +42,7 @@ def _app(redis_url: str, tmp_path: Path, **settings) -> TestClient:
 @pytest.fixture
 def api(redis_url: str, tmp_path: Path) -> TestClient:
     keys = f"team-a:{hash_key(KEY_A)},team-b:{hash_key(KEY_B)}"
-    with _app(redis_url, tmp_path, api_keys=keys) as client:
+    with _app(redis_url, tmp_path, api_keys=keys, tenant_sources={"*": ["s3://models/"]}) as client:
         yield client
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 
 import pytest
 
-from api.errors import InvalidTransition, JobNotFound
+from api.errors import InvalidRequest, InvalidTransition, JobNotFound
 from api.jobstore import JobStore
 from api.schemas import TRANSITIONS, ErrorInfo, JobCreate, JobState, JobSummary, Progress
+from api.settings import Settings
 
 
 @pytest.fixture
@@ -350,3 +352,19 @@ def test_duration_histograms_are_cumulative(store) -> None:
     assert counts["0.1"] == 1 and counts["1.0"] == 2 and counts["60.0"] == 3 and counts["+Inf"] == 3
     assert total == pytest.approx(20.75)
     assert store.durations("job") == ([(b, 0) for b, _ in buckets], 0.0)
+
+
+def test_records_stay_readable_when_checks_are_added_and_the_worker_refuses_them(redis_url: str, tmp_path) -> None:
+    """A job stored before a check existed (here a lookahead regex, refused since target
+    regexes run on RE2) can still be read and listed; the worker refuses to run it."""
+    from worker.runner import JobRunner
+
+    store = JobStore.from_url(redis_url.replace("/0", "/4"), prefix=f"legacy-{uuid.uuid4().hex[:6]}:")
+    job = store.create(JobCreate(source="s3://models/m/"), tenant="default", prefix="")
+    raw = json.loads(store.client.hget(store._job_key(job.id), "job"))
+    raw["request"]["options"]["target_modules"] = r".*(?=proj)"
+    store.client.hset(store._job_key(job.id), "job", json.dumps(raw))
+    assert store.get(job.id).request.options.target_modules == r".*(?=proj)"
+    assert [j.id for j in store.list().jobs] == [job.id]
+    with pytest.raises(InvalidRequest, match="RE2"):
+        JobRunner(store, Settings(redis_url=redis_url)).options(store.get(job.id))

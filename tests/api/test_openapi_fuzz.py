@@ -70,6 +70,8 @@ def fuzz_api(redis_url: str, start_api: Callable, tmp_path_factory: pytest.TempP
         "LOFTQ_WORK_DIR": str(work / "scratch"),
         "LOFTQ_ALLOWED_FILE_ROOTS": json.dumps([str(work / "files")]),
         "LOFTQ_API_KEYS": f"{TENANT}:{hash_key(KEY)}",
+        "LOFTQ_TENANT_SOURCES": json.dumps({TENANT: ["s3://models/"]}),
+        "LOFTQ_MAX_MODEL_BYTES": str(2**62),  # raised like the rate limits: an upload may declare any schema-valid size
         "LOFTQ_SUBMISSIONS_PER_MINUTE": "100000",
         "LOFTQ_MAX_QUEUED_JOBS_PER_TENANT": "100000",
     }
@@ -81,8 +83,16 @@ def fuzz_api(redis_url: str, start_api: Callable, tmp_path_factory: pytest.TempP
             jobs = [client.post("/v1/jobs", json=BODY).json() for _ in range(3)]
             queued, cancelled, succeeded = (job["id"] for job in jobs)
             assert client.post(f"/v1/jobs/{cancelled}/cancel").json()["state"] == "cancelled"
-        _finish(JobStore.from_url(url), succeeded, work / "artifacts", jobs[2]["output"])
-        yield {"base": base, "log": work / "api.log", "queued": queued, "cancelled": cancelled, "succeeded": succeeded}
+            _finish(JobStore.from_url(url), succeeded, work / "artifacts", jobs[2]["output"])
+            # Uploads: one open (its empty file can be PUT again and again), one complete.
+            open_upload = client.post("/v1/uploads", json={"files": {"empty.txt": 0, "config.json": 2}}).json()["id"]
+            complete = client.post("/v1/uploads", json={"files": {"config.json": 2}}).json()
+            assert client.put(complete["files"][0]["url"], content=b"{}").status_code == 204
+            assert client.post(f"/v1/uploads/{complete['id']}/complete").status_code == 200
+        yield {
+            "base": base, "log": work / "api.log", "queued": queued, "cancelled": cancelled, "succeeded": succeeded,
+            "open_upload": open_upload, "complete_upload": complete["id"], "headers": headers,
+        }
     finally:
         stop_processes(process, [])
 
@@ -118,7 +128,26 @@ schema = schemathesis.openapi.from_dict(
                             "expected-statuses": ["2xx", "401", "404", "409", "422", "429"],
                         }
                     },
-                }
+                },
+                {
+                    # An event cursor is two numbers below 2^64; the pattern cannot say "below".
+                    "include-path-regex": "^/v1/jobs/\\{job_id\\}/events",
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["2xx", "401", "404", "409", "422", "429"],
+                        }
+                    },
+                },
+                {
+                    # The body is the file's raw bytes, which must be a declared file of an open
+                    # upload and exactly its declared size: nothing a schema can state.
+                    "include-name": "PUT /v1/uploads/{upload_id}/files/{path}",
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["2xx", "401", "404", "409", "413", "422", "429"],
+                        }
+                    },
+                },
             ],
         }
     ),
@@ -159,6 +188,25 @@ def _real_job(case, jobs: dict) -> None:
     params["job_id"] = options[pick % len(options)]
 
 
+def _real_upload(case, api: dict) -> None:
+    """Swap the generated upload id for a real one in most cases, as ``_real_job`` does; a
+    DELETE gets an upload made for it (the others must outlive it), a PUT the open upload's
+    empty file (a request without a body is then a whole upload of it)."""
+    params = case.path_parameters or {}
+    if "upload_id" not in params or not _valid(case, "path"):
+        return
+    pick = int(hashlib.sha256(str(params["upload_id"]).encode()).hexdigest(), 16)
+    if pick % 3 == 0:
+        return
+    if case.method.upper() == "DELETE":
+        made = httpx.post(f"{api['base']}/v1/uploads", json={"files": {"a.txt": 1}}, headers=api["headers"], timeout=30)
+        params["upload_id"] = made.json()["id"]
+    elif case.path.endswith("/files/{path}"):
+        params["upload_id"], params["path"] = api["open_upload"], "empty.txt"
+    else:
+        params["upload_id"] = (api["open_upload"], api["complete_upload"])[pick % 2]
+
+
 def _real_sources(case) -> None:
     """Swap a generated source (and calibration URI) for one the server accepts in two cases
     out of three: almost no random string is a URI it takes, and the jobs created are what
@@ -184,6 +232,7 @@ def _real_sources(case) -> None:
 )
 def test_every_operation_conforms(case, fuzz_api: dict) -> None:
     _real_job(case, fuzz_api)
+    _real_upload(case, fuzz_api)
     _real_sources(case)
     response = case.call_and_validate(base_url=fuzz_api["base"], timeout=30)
     STATUSES[case.operation.label][response.status_code] += 1

@@ -105,6 +105,42 @@ def test_embedded_refuses_files_outside_its_root_and_serves_only_manifest_files(
         assert response.status_code == 404
 
 
+def test_embedded_data_directory_is_never_a_source(embedded) -> None:
+    """The data directory lies under the default file:// root (the directory serve started in),
+    and holds every job's artifacts and the job store's files: naming it, anything in it, or a
+    directory that contains it, as a source or as calibration text is refused."""
+    base, workdir = embedded
+    data = workdir / "loftq-data"
+    jobs = httpx.get(f"{base}/v1/jobs", params={"state": "succeeded"}, timeout=30).json()["jobs"]
+    assert jobs, "the curl session's job is listed"
+    output = data / "artifacts" / jobs[0]["output"]
+    assert (output / "manifest.json").is_file()
+    link = workdir / "innocent-looking"
+    link.symlink_to(data / "artifacts", target_is_directory=True)
+    for source in (output, data / "artifacts", data / "redis", data, workdir, link):
+        response = httpx.post(f"{base}/v1/jobs", json={"source": f"file://{source}"}, timeout=30)
+        assert response.status_code == 422, (source, response.text)
+        assert response.json()["error"]["code"] == "source_not_allowed", response.text
+    calibrated = {"source": f"file://{workdir}/minilm", "options": {"objective": "activation"}}
+    for text in (data / "redis", output / "loftq_report.json"):
+        response = httpx.post(f"{base}/v1/jobs", json={**calibrated, "calibration_data": f"file://{text}"}, timeout=30)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "source_not_allowed", response.text
+
+
+def test_embedded_upload_converts_without_a_shared_directory(embedded, tiny_bert: Path) -> None:
+    """A model outside the allowed roots is uploaded through the API (local storage) and converted."""
+    from loftq_client import LoftQClient
+
+    base, _ = embedded
+    with LoftQClient(base) as client:
+        upload = client.upload_model(tiny_bert)
+        assert upload.state == "complete" and upload.source == f"upload://{upload.id}"
+        job = client.wait(client.create_job(upload.source, rank=8).id, timeout=300)
+        assert job.state == "succeeded", job.error
+        files = {artifact.path for artifact in client.artifacts(job.id)}
+    assert {"config.json", "model.safetensors", "manifest.json"} <= files
+
+
 def test_embedded_refuses_to_bind_beyond_loopback() -> None:
     result = subprocess.run([*_serve_command(), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "loopback" in result.stderr

@@ -53,7 +53,7 @@ def test_s3_single_object_is_downloaded_into_scratch(s3_settings: Settings, tmp_
     _put(store, "wiki/train.txt", TEXT, tmp_path)
     _put(store, "wiki/train.txt.bak", "not this one", tmp_path)
     scratch = tmp_path / "scratch"
-    path = fetch_calibration_data(f"s3://{store.bucket}/wiki/train.txt", s3_settings, scratch)
+    path = fetch_calibration_data(f"s3://{store.bucket}/wiki/train.txt", s3_settings, scratch, tenant="default")
     assert path == scratch / "train.txt" and path.read_text() == TEXT
     assert _files(scratch) == ["train.txt"]
 
@@ -68,11 +68,11 @@ def test_s3_prefix_downloads_every_text_object_keeping_relative_names(s3_setting
     _put(store, "calib/folder/", "", tmp_path)  # a console's "folder" placeholder
     _put(store, "calibration-other/x.txt", "a sibling prefix, not under calib/", tmp_path)
     scratch = tmp_path / "scratch"
-    path = fetch_calibration_data(f"s3://{store.bucket}/calib/", s3_settings, scratch)
+    path = fetch_calibration_data(f"s3://{store.bucket}/calib/", s3_settings, scratch, tenant="default")
     assert path == scratch
     assert _files(scratch) == ["C.TXT", "a.txt", "sub/b.jsonl"]
     assert (scratch / "sub" / "b.jsonl").read_text() == '{"text": "second document"}\n'
-    whole = fetch_calibration_data(f"s3://{store.bucket}/", s3_settings, tmp_path / "whole")
+    whole = fetch_calibration_data(f"s3://{store.bucket}/", s3_settings, tmp_path / "whole", tenant="default")
     assert _files(whole) == ["calib/C.TXT", "calib/a.txt", "calib/sub/b.jsonl", "calibration-other/x.txt"]
 
 
@@ -81,7 +81,7 @@ def test_s3_prefix_refuses_unsafe_object_names(s3_settings: Settings, tmp_path: 
     _put(store, "calib/a.txt", "fine\n", tmp_path)
     _put(store, "calib/x//../../b.txt", "would land outside the scratch directory\n", tmp_path)
     with pytest.raises(InvalidCalibrationSource, match="unsafe object name"):
-        fetch_calibration_data(f"s3://{store.bucket}/calib/", s3_settings, tmp_path / "scratch")
+        fetch_calibration_data(f"s3://{store.bucket}/calib/", s3_settings, tmp_path / "scratch", tenant="default")
     assert not (tmp_path / "scratch").exists()  # refused from the listing, before any download
 
 
@@ -92,10 +92,10 @@ def test_s3_size_limit_is_checked_before_downloading(s3_settings: Settings, tmp_
     small = s3_settings.model_copy(update={"calibration_max_bytes": 1000})
     scratch = tmp_path / "scratch"
     with pytest.raises(CalibrationDataTooLarge, match="1200 bytes.*at most 1000") as info:
-        fetch_calibration_data(f"s3://{store.bucket}/calib/", small, scratch)
+        fetch_calibration_data(f"s3://{store.bucket}/calib/", small, scratch, tenant="default")
     assert info.value.code == "calibration_data_too_large"
     assert not scratch.exists()
-    assert fetch_calibration_data(f"s3://{store.bucket}/calib/a.txt", small, scratch).stat().st_size == 600
+    assert fetch_calibration_data(f"s3://{store.bucket}/calib/a.txt", small, scratch, tenant="default").stat().st_size == 600
 
 
 def test_s3_missing_data_is_calibration_data_not_found(s3_settings: Settings, tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_s3_missing_data_is_calibration_data_not_found(s3_settings: Settings, tm
         (f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/calib.txt", "cannot list the bucket"),
     ]:
         with pytest.raises(CalibrationDataNotFound, match=reason) as info:
-            fetch_calibration_data(uri, s3_settings, tmp_path / "scratch")
+            fetch_calibration_data(uri, s3_settings, tmp_path / "scratch", tenant="default")
         assert info.value.code == "calibration_data_not_found"
 
 
@@ -127,8 +127,8 @@ def test_file_is_read_in_place(files: Settings, tmp_path: Path) -> None:
     text.write_text(TEXT)
     (tmp_path / "files" / "calib" / "more" / "b.jsonl").write_text('{"text": "x"}\n')
     scratch = tmp_path / "scratch"
-    assert fetch_calibration_data(f"file://{text}", files, scratch) == text.resolve()
-    assert fetch_calibration_data(f"file://{tmp_path}/files/calib", files, scratch) == (tmp_path / "files" / "calib").resolve()
+    assert fetch_calibration_data(f"file://{text}", files, scratch, tenant="default") == text.resolve()
+    assert fetch_calibration_data(f"file://{tmp_path}/files/calib", files, scratch, tenant="default") == (tmp_path / "files" / "calib").resolve()
     assert not scratch.exists()  # nothing copied
 
 
@@ -138,31 +138,31 @@ def test_file_symlinks_must_stay_inside_the_roots(files: Settings, tmp_path: Pat
     (tmp_path / "elsewhere" / "secret.txt").write_text("secret")
     (calib / "leak.txt").symlink_to(tmp_path / "elsewhere" / "secret.txt")
     with pytest.raises(InvalidCalibrationSource, match="outside the allowed file roots") as info:
-        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch")
+        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default")
     assert info.value.code == "invalid_calibration_data"
     (calib / "leak.txt").unlink()
     (calib / "more" / "dir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(InvalidCalibrationSource, match="outside the allowed file roots"):
-        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch")
+        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default")
     (calib / "more" / "dir").unlink()
     (calib / "more" / "loop").symlink_to(calib, target_is_directory=True)  # inside the roots: read once
-    assert fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch") == calib.resolve()
+    assert fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default") == calib.resolve()
 
 
 def test_file_missing_empty_and_too_large(files: Settings, tmp_path: Path) -> None:
     calib = tmp_path / "files" / "calib"
     with pytest.raises(CalibrationDataNotFound, match="no such file"):
-        fetch_calibration_data(f"file://{calib}/nope.txt", files, tmp_path / "scratch")
+        fetch_calibration_data(f"file://{calib}/nope.txt", files, tmp_path / "scratch", tenant="default")
     (calib / "notes.md").write_text("not calibration text")
     with pytest.raises(CalibrationDataNotFound, match="no .txt or .jsonl files"):
-        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch")
+        fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default")
     (calib / "a.txt").write_text("x" * 100)
     (calib / "more" / "b.txt").write_text("y" * 100)
     (calib / ".hidden.txt").write_text("z" * 100)  # not read by the engine, so not counted
     small = files.model_copy(update={"calibration_max_bytes": 150})
     with pytest.raises(CalibrationDataTooLarge, match="200 bytes"):
-        fetch_calibration_data(f"file://{calib}", small, tmp_path / "scratch")
-    assert fetch_calibration_data(f"file://{calib}/a.txt", small, tmp_path / "scratch") == (calib / "a.txt").resolve()
+        fetch_calibration_data(f"file://{calib}", small, tmp_path / "scratch", tenant="default")
+    assert fetch_calibration_data(f"file://{calib}/a.txt", small, tmp_path / "scratch", tenant="default") == (calib / "a.txt").resolve()
 
 
 # --------------------------------------------------------------------------- the runner

@@ -16,7 +16,8 @@ from api.errors import InvalidSource, ModelTooLarge
 from api.settings import Settings
 from api.storage import LocalObjectStore, S3ObjectStore
 from loftq.errors import LoftQError, SourceNotFound
-from worker.sources import HubSource, ObjectStoreDestination, S3Source, open_source, parse_source_uri
+from api.sources import parse_source_uri
+from worker.sources import HubSource, ObjectStoreDestination, S3Source, open_source
 
 
 def _files_under(directory: Path) -> list[Path]:
@@ -119,20 +120,25 @@ def test_open_source_file_refuses_symlinked_files_leaving_the_roots(roots: Setti
     (model / "config.json").write_text("{}")
     (tmp_path / "elsewhere" / "secret").write_text("secret")
     (model / "tokenizer.json").symlink_to(tmp_path / "elsewhere" / "secret")
-    source = open_source(f"file://{model}", roots, tmp_path / "scratch")
+    # Refused while listing: the name of a file elsewhere is never even read as part of the checkpoint.
+    with pytest.raises(LoftQError, match="outside the allowed file roots"):
+        open_source(f"file://{model}", roots, tmp_path / "scratch", tenant="default")
+    (model / "tokenizer.json").unlink()
+    source = open_source(f"file://{model}", roots, tmp_path / "scratch", tenant="default")
     from loftq.storage import LocalSource
 
     assert isinstance(source, LocalSource)
-    assert source.list_files() == ["config.json", "tokenizer.json"]
+    assert source.list_files() == ["config.json"]
     with source.open_local("config.json") as path:
         assert path.read_text() == "{}"
+    with pytest.raises(InvalidSource):
+        open_source("ftp://x/y", roots, tmp_path / "scratch", tenant="default")
+    with pytest.raises(ModelTooLarge, match="LOFTQ_MAX_MODEL_BYTES"):
+        open_source(f"file://{model}", roots.model_copy(update={"max_model_bytes": 1}), tmp_path / "scratch", tenant="default")
+    (model / "tokenizer.json").symlink_to(tmp_path / "elsewhere" / "secret")  # planted after the listing
     with pytest.raises(LoftQError, match="outside the allowed file roots"):
         with source.open_local("tokenizer.json"):
             pass
-    with pytest.raises(InvalidSource):
-        open_source("ftp://x/y", roots, tmp_path / "scratch")
-    with pytest.raises(ModelTooLarge, match="LOFTQ_MAX_MODEL_BYTES"):
-        open_source(f"file://{model}", roots.model_copy(update={"max_model_bytes": 1}), tmp_path / "scratch")
 
 
 # --------------------------------------------------------------------------- S3Source
@@ -146,13 +152,13 @@ def test_s3_source_lists_relative_names_and_downloads_one_file_at_a_time(s3_env:
         store.upload_file(src, key) if not key.endswith("/") else store.client.put_object(Bucket=store.bucket, Key=key, Body=b"")
     scratch = tmp_path / "scratch"
     settings = Settings(s3_endpoint_url=s3_env)
-    source = open_source(f"s3://{store.bucket}/m/", settings, scratch)
+    source = open_source(f"s3://{store.bucket}/m/", settings, scratch, tenant="default")
     assert isinstance(source, S3Source)
     assert source.name == f"s3://{store.bucket}/m"
     assert source.list_files() == ["config.json", "sub/tok.json"]
     assert source.total_bytes() == 5
     with pytest.raises(ModelTooLarge, match="5 bytes"):  # from the listing, before any download
-        open_source(f"s3://{store.bucket}/m/", Settings(s3_endpoint_url=s3_env, max_model_bytes=4), scratch)
+        open_source(f"s3://{store.bucket}/m/", Settings(s3_endpoint_url=s3_env, max_model_bytes=4), scratch, tenant="default")
     assert _files_under(scratch) == []
     with source.open_local("sub/tok.json") as path:
         assert path.read_bytes() == b"tok"
@@ -225,10 +231,10 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
     scratch = tmp_path / "scratch"
     with pytest.raises(ModelTooLarge, match="1032 bytes, above this service's limit of 1000") as refused:
-        open_source("hf://org/model@v1", Settings(max_model_bytes=1000), scratch)
+        open_source("hf://org/model@v1", Settings(max_model_bytes=1000), scratch, tenant="default")
     assert refused.value.code == "model_too_large" and refused.value.status == 413
     calls.clear()
-    source = open_source("hf://org/model@v1", Settings(), scratch)
+    source = open_source("hf://org/model@v1", Settings(), scratch, tenant="default")
     assert isinstance(source, HubSource)
     assert source.name == "org/model"
     assert source.list_files() == ["config.json", "model.safetensors", "tokenizer/vocab.txt"]
@@ -242,7 +248,7 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         with source.open_local("not-listed.bin"):
             pass
     with pytest.raises(SourceNotFound, match="not found"):
-        open_source("hf://org/other", Settings(), scratch).list_files()
+        open_source("hf://org/other", Settings(), scratch, tenant="default").list_files()
     assert HubSource("org/model", None, scratch).revision is None
 
 
