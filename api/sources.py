@@ -122,7 +122,8 @@ def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
         raise InvalidSource(f"{uri!r}: file:// URIs are disabled (no allowed_file_roots are configured)")
     real = Path(os.path.realpath(path))
     if file_root_match(real, list(settings.allowed_file_roots)) is None:
-        raise InvalidSource(f"{uri!r}: {real} is outside the allowed file roots")
+        # The resolved path is not echoed: it would tell any caller where links on the server lead.
+        raise InvalidSource(f"{uri!r} is outside the allowed file roots (symlinks resolved)")
     return ("file", str(real))
 
 

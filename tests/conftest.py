@@ -15,7 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+
+# One compute thread per process, set before torch is imported and inherited by every API and
+# worker process the tests start: the suite runs them side by side on a small machine, where
+# OpenMP threads of several processes spin against each other and a 3 s conversion takes 30 s.
+# How the engine itself picks threads on a busy machine is measured by the benchmarks.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -331,8 +331,9 @@ def fetch_calibration_data(
 ) -> Path:
     """The local path the engine reads ``uri``'s calibration text from.
 
-    file://: the path itself, read in place, once every file and directory in it is checked
-    to lie inside the allowed roots (a symlink must not smuggle /etc into the text). s3://:
+    file://: the file, or the .txt/.jsonl files of the directory, copied into ``scratch`` once
+    every file and directory met is checked to lie inside what the tenant may read (a symlink
+    must not smuggle /etc into the text), each file again as it is opened. s3://:
     one object, or every .txt/.jsonl object under a prefix (relative names kept), downloaded
     into ``scratch``, which must not hold anything else. The total size is checked against
     ``settings.calibration_max_bytes`` before anything is read or downloaded. upload://: the
@@ -341,10 +342,16 @@ def fetch_calibration_data(
     location = policy.check_calibration(uri, tenant)
     limit = settings.calibration_max_bytes
     if location.scheme == "file":
+        # Copied, not read in place: each file is checked as it is opened, and the engine reads
+        # only the copies, so nothing changed in the directory afterwards reaches the job.
         path = Path(location.path)
         check = functools.partial(_check_local_file, "calibration_data", uri, tenant, policy=policy)
-        _check_size(uri, _local_calibration_bytes(uri, path, check), limit)
-        return path
+        files = _local_calibration_files(uri, path, check)
+        _check_size(uri, sum(file.stat().st_size for _, file in files), limit)
+        scratch = Path(scratch)
+        for name, file in files:
+            _copy_checked(file, scratch / name, check)
+        return scratch / files[0][0] if path.is_file() else scratch
     if location.scheme == "upload":
         area = upload_prefix(tenant, location.upload)
         location = dataclasses.replace(location, key="/".join(filter(None, (area, location.key))))
@@ -378,39 +385,50 @@ def _is_calibration_file(name: str) -> bool:
     return path.suffix.lower() in CALIBRATION_SUFFIXES and not any(part.startswith(".") for part in path.parts)
 
 
-def _local_calibration_bytes(uri: str, path: Path, check: Callable[[Path], None]) -> int:
-    """Bytes of calibration text at ``path`` (a file, or a directory walked through its
-    symlinks); ``check`` (``_check_local_file``) passes every file and directory met."""
-
-    def confined(entry: Path) -> None:
-        try:
-            check(entry)
-        except UnsafePath as exc:  # this field's own code: the client learns which URI to fix
-            raise InvalidCalibrationSource(str(exc)) from None
-
+def _local_calibration_files(uri: str, path: Path, check: Callable[[Path], None]) -> list[tuple[str, Path]]:
+    """(relative name, path) of the calibration text at ``path``: the file, or the .txt/.jsonl
+    files of a directory walked through its symlinks; ``check`` (``_check_local_file``)
+    passes every file and directory met."""
     if path.is_file():
-        confined(path)
-        return path.stat().st_size
+        _confined(check, path)
+        return [(path.name, path)]
     if not path.is_dir():
         raise CalibrationDataNotFound(f"calibration_data: {uri}: no such file or directory")
-    total, found, seen = 0, 0, set()
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        confined(Path(dirpath))
+        _confined(check, Path(dirpath))
         real_dir = os.path.realpath(dirpath)
         if real_dir in seen:  # a symlink loop, or a directory linked twice: read once
             dirnames.clear()
             continue
         seen.add(real_dir)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for filename in filenames:
+        for filename in sorted(filenames):
             file = Path(dirpath) / filename
             if _is_calibration_file(filename) and file.is_file():
-                confined(file)
-                total += file.stat().st_size
-                found += 1
+                _confined(check, file)
+                found.append((file.relative_to(path).as_posix(), file))
     if not found:
         raise CalibrationDataNotFound(f"calibration_data: {uri}: no .txt or .jsonl files in this directory")
-    return total
+    return found
+
+
+def _confined(check: Callable[[Path], None], entry: Path) -> None:
+    try:
+        check(entry)
+    except UnsafePath as exc:  # this field's own code: the client learns which URI to fix
+        raise InvalidCalibrationSource(str(exc)) from None
+
+
+def _copy_checked(source: Path, target: Path, check: Callable[[Path], None]) -> None:
+    """Copy a local file after checking what was really opened (the file behind the open
+    descriptor): a link swapped in after the walk's check cannot lead the copy elsewhere."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as src:
+        opened = Path(f"/proc/self/fd/{src.fileno()}")
+        _confined(check, opened if opened.exists() else source)
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _calibration_objects(uri: str, location: CalibrationLocation, store: ObjectStore) -> list[tuple[str, StoredObject]]:

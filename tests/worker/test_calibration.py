@@ -122,14 +122,18 @@ def files(tmp_path: Path) -> Settings:
     return Settings(allowed_file_roots=[tmp_path / "files"])
 
 
-def test_file_is_read_in_place(files: Settings, tmp_path: Path) -> None:
+def test_file_text_is_copied_as_it_is_checked(files: Settings, tmp_path: Path) -> None:
+    """The engine reads copies made while each file was checked: a link swapped into the
+    directory after the check cannot reach the job."""
     text = tmp_path / "files" / "calib" / "a.txt"
     text.write_text(TEXT)
     (tmp_path / "files" / "calib" / "more" / "b.jsonl").write_text('{"text": "x"}\n')
-    scratch = tmp_path / "scratch"
-    assert fetch_calibration_data(f"file://{text}", files, scratch, tenant="default") == text.resolve()
-    assert fetch_calibration_data(f"file://{tmp_path}/files/calib", files, scratch, tenant="default") == (tmp_path / "files" / "calib").resolve()
-    assert not scratch.exists()  # nothing copied
+    (tmp_path / "files" / "calib" / "notes.md").write_text("not calibration text")
+    one = fetch_calibration_data(f"file://{text}", files, tmp_path / "one", tenant="default")
+    assert one == tmp_path / "one" / "a.txt" and one.read_text() == TEXT
+    whole = fetch_calibration_data(f"file://{tmp_path}/files/calib", files, tmp_path / "whole", tenant="default")
+    assert whole == tmp_path / "whole"
+    assert sorted(p.relative_to(whole).as_posix() for p in whole.rglob("*") if p.is_file()) == ["a.txt", "more/b.jsonl"]
 
 
 def test_file_symlinks_must_stay_inside_the_roots(files: Settings, tmp_path: Path) -> None:
@@ -146,7 +150,8 @@ def test_file_symlinks_must_stay_inside_the_roots(files: Settings, tmp_path: Pat
         fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default")
     (calib / "more" / "dir").unlink()
     (calib / "more" / "loop").symlink_to(calib, target_is_directory=True)  # inside the roots: read once
-    assert fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default") == calib.resolve()
+    copied = fetch_calibration_data(f"file://{calib}", files, tmp_path / "scratch", tenant="default")
+    assert [p.name for p in copied.rglob("*.txt")] == ["a.txt"]
 
 
 def test_file_missing_empty_and_too_large(files: Settings, tmp_path: Path) -> None:
@@ -162,7 +167,7 @@ def test_file_missing_empty_and_too_large(files: Settings, tmp_path: Path) -> No
     small = files.model_copy(update={"calibration_max_bytes": 150})
     with pytest.raises(CalibrationDataTooLarge, match="200 bytes"):
         fetch_calibration_data(f"file://{calib}", small, tmp_path / "scratch", tenant="default")
-    assert fetch_calibration_data(f"file://{calib}/a.txt", small, tmp_path / "scratch", tenant="default") == (calib / "a.txt").resolve()
+    assert fetch_calibration_data(f"file://{calib}/a.txt", small, tmp_path / "scratch", tenant="default").read_text() == "x" * 100
 
 
 # --------------------------------------------------------------------------- the runner
