@@ -171,7 +171,7 @@ def convert(
     power_iters: Annotated[int, typer.Option(help="Randomized SVD: depth of the block Krylov space.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the randomized solver.")] = 0,
     target: Annotated[Optional[list[str]], typer.Option(help="Module name or suffix to target (repeatable), e.g. --target q_proj --target v_proj.")] = None,
-    target_regex: Annotated[Optional[str], typer.Option(help="Regex matched in full against module names.")] = None,
+    target_regex: Annotated[Optional[str], typer.Option(help="Regex matched in full against module names (RE2 syntax: linear time, no lookaround or backreferences).")] = None,
     backbone_format: Annotated[str, typer.Option(help="dequantized (Q in the source dtype) or bnb-4bit (packed, loads without a quantization config).")] = "dequantized",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     calibration_data: Annotated[
