@@ -1,4 +1,4 @@
-"""LoftQ for one weight matrix (DESIGN §1), with the scaling folded into the adapters.
+"""LoftQ for one weight matrix (README "What it does", docs/adr/0001-engine.md), with the scaling folded into the adapters.
 
 Everything here works in PEFT's orientation (out×in) and in fp32 on the weight's device.
 

@@ -10,7 +10,7 @@ Two formats:
   ``quantization_config`` in config.json; ``from_pretrained`` needs no extra config.
 
 ``as_loaded`` simulates the loader so the adapters can be fitted against the matrix a user
-will really get (DESIGN §1, exact reload).
+will really get (README "Exact with bitsandbytes").
 """
 
 from __future__ import annotations

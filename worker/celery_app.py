@@ -1,4 +1,4 @@
-"""The Celery app, configured for long GPU jobs (DESIGN §4).
+"""The Celery app, configured for long GPU jobs (docs/adr/0003-service.md).
 
 The parent process never imports torch or touches CUDA: the task imports the engine inside
 the forked child, and every child runs one job (``worker_max_tasks_per_child=1``), so GPU

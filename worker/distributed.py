@@ -1,6 +1,6 @@
 """A distributed job: its weight shards converted by part tasks on several workers, then merged.
 
-Output shard i depends on input shard i alone (DESIGN §3), so one job's shards can run on
+Output shard i depends on input shard i alone (docs/adr/0005-scale-out.md), so one job's shards can run on
 different workers: ``send_parts`` (the job's own RUN_JOB delivery, under the job lease) plans
 the parts and sends one RUN_PART message per part; ``PartRunner`` converts one part
 (``loftq.converter.convert_part``) under a lease of its own and records it finished; the

@@ -1,4 +1,4 @@
-"""LoftQ checkpoints through the real loaders: transformers, bitsandbytes and PEFT (DESIGN §2)."""
+"""LoftQ checkpoints through the real loaders: transformers, bitsandbytes and PEFT (README "The LoftQ checkpoint")."""
 
 from __future__ import annotations
 
