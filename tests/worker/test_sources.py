@@ -14,7 +14,7 @@ import pytest
 
 from api.errors import InvalidSource, ModelTooLarge
 from api.settings import Settings
-from api.storage import LocalObjectStore, S3ObjectStore
+from api.storage import LocalObjectStore, S3ObjectStore, StorageUnavailable
 from loftq.errors import LoftQError, SourceNotFound
 from api.sources import parse_source_uri
 from worker.sources import HubSource, ObjectStoreDestination, S3Source, open_source
@@ -250,6 +250,23 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     with pytest.raises(SourceNotFound, match="not found"):
         open_source("hf://org/other", Settings(), scratch, tenant="default").list_files()
     assert HubSource("org/model", None, scratch).revision is None
+
+
+def test_an_unreachable_hub_is_storage_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode and a Hub that refuses connections are the storage's fault, not a missing
+    source and not an internal error (huggingface_hub's real errors, no network)."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def unreachable(self, repo_id, **kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    for failure in (unreachable, lambda self, repo_id, **kwargs: (_ for _ in ()).throw(errors.OfflineModeIsEnabled("offline"))):
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", failure)
+        with pytest.raises(StorageUnavailable, match="cannot be reached") as refused:
+            open_source("hf://org/model", Settings(), tmp_path / "scratch", tenant="default")
+        assert refused.value.code == "storage_unavailable" and "hf://org/model" in refused.value.message
 
 
 # --------------------------------------------------------------------------- ObjectStoreDestination
