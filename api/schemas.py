@@ -60,7 +60,8 @@ class JobCreate(BaseModel):
         description=(
             "Calibration text (.txt, or .jsonl with a \"text\" field): file:///path under an allowed root (a file or a "
             "directory), s3://bucket/key.txt (one object) or s3://bucket/prefix/ (every .txt/.jsonl object under it). "
-            "Required when options.objective is not 'weight' or options.calibration.evaluate is true."
+            "Required when options.objective is not 'weight', options.refine is not 'none' or options.calibration.evaluate "
+            "is true."
         ),
         examples=["s3://datasets/wikitext-2/train.txt", "s3://datasets/calibration/"],
     )
@@ -71,8 +72,9 @@ class JobCreate(BaseModel):
             "Spread the conversion over several workers: one task per part (shards_per_part consecutive weight "
             "shards), then a merge that writes the adapters, index, report and manifest. The artifacts are "
             "byte-identical to a single-worker job's (loftq_report.json, loftq_layers.png and manifest.json hold "
-            "timings). Weight-space jobs only: not with calibration_data, options.objective other than 'weight' or "
-            "options.calibration.evaluate (a calibrated conversion runs the model block by block in one process)."
+            "timings). Weight-space jobs only: not with calibration_data, options.objective other than 'weight', "
+            "options.refine other than 'none' or options.calibration.evaluate (a calibrated conversion runs the model "
+            "block by block in one process)."
         ),
     )
     shards_per_part: int = Field(
@@ -109,6 +111,8 @@ class JobCreate(BaseModel):
             raise ValueError("a distributed job cannot use calibration_data (calibrated conversions run in one process)")
         if options is not None and options.objective != "weight":
             raise ValueError(f"a distributed job needs options.objective='weight', not {options.objective!r}")
+        if options is not None and options.refine != "none":
+            raise ValueError(f"a distributed job needs options.refine='none', not {options.refine!r}")
         if options is not None and options.calibration.evaluate:
             raise ValueError("a distributed job cannot use options.calibration.evaluate")
         return value
@@ -176,6 +180,32 @@ class CalibrationSummary(BaseModel):
     blocks: int
 
 
+class ModelRefinementSummary(BaseModel):
+    """The model stage of refinement (``loftq.report.ModelRefinement``): the held-out loss (``loss``:
+    "kl" for decoders, "hidden-mse" for encoders) before and after, and whether it was kept."""
+
+    loss: str
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    accepted: bool
+    steps: int = 0
+    seconds: float | None = None
+
+
+class RefinementSummary(BaseModel):
+    """What refinement did (``loftq.report.Refinement``): how many blocks kept their refined
+    adapters, their mean held-out gain (rejected blocks count 0) and the model stage."""
+
+    mode: str
+    blocks_total: int = 0
+    blocks_accepted: int = 0
+    blocks_rejected: int = 0
+    mean_block_gain: float | None = None
+    heldout_sequences: int = 0
+    seconds: float | None = None
+    model: ModelRefinementSummary | None = None
+
+
 class JobSummary(BaseModel):
     layers: int
     mean_error_quant: float
@@ -189,6 +219,7 @@ class JobSummary(BaseModel):
     mean_output_error: float | None = None
     evaluation: EvaluationSummary | None = None
     calibration: CalibrationSummary | None = None
+    refinement: RefinementSummary | None = None
 
 
 class Artifact(BaseModel):

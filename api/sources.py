@@ -16,6 +16,7 @@ from urllib.parse import unquote
 from api.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
 from api.settings import Settings
 from api.text import unsafe_character
+from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
 
 if TYPE_CHECKING:
     from api.schemas import JobCreate
@@ -27,6 +28,8 @@ HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_REVISION = re.compile(r"[A-Za-z0-9._/-]+")
 _BARE_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 UPLOAD_ID = re.compile(r"upl_[0-9a-f]{20}")
+# ConvertOptions fields holding nested settings, to name a nested field by its path in a request.
+_NESTED_OPTIONS = {"calibration": CalibrationOptions, "refinement": RefineOptions}
 
 
 # --------------------------------------------------------------------------- URIs
@@ -195,13 +198,22 @@ def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
 
 
 def needs_calibration_data(request: JobCreate) -> str | None:
-    """Why the request's options need calibration text (None when they do not)."""
-    options = request.options
-    if options.objective != "weight":
-        return f"options.objective={options.objective!r} fits each layer in the metric of its calibration inputs"
-    if options.calibration.evaluate:
-        return "options.calibration.evaluate=true measures the model on held-out calibration text"
-    return None
+    """Why the request's options need calibration text (None when they do not).
+
+    The rule is ``ConvertOptions.calibration_reason``'s; here its leading field name becomes the
+    field's path in the request (``objective=...`` -> ``options.objective=...``, ``evaluate`` ->
+    ``options.calibration.evaluate ...``), so the message names what to change in the JSON.
+    """
+    reason = request.options.calibration_reason
+    if reason is None:
+        return None
+    name = re.match(r"\w*", reason)[0]
+    if not name:
+        return f"options: {reason}"
+    group = next(
+        (group for group, model in _NESTED_OPTIONS.items() if name not in ConvertOptions.model_fields and name in model.model_fields), None
+    )
+    return ".".join(filter(None, ["options", group, name])) + reason[len(name) :]
 
 
 def check_job_inputs(request: JobCreate, settings: Settings) -> None:
@@ -215,5 +227,5 @@ def check_job_inputs(request: JobCreate, settings: Settings) -> None:
     if reason is not None:
         raise InvalidRequest(
             f"calibration_data: required: {reason}; add calibration_data ({_CALIBRATION_FORMS}), "
-            "or use options.objective='weight' without evaluate"
+            "or use options.objective='weight' and options.refine='none' without evaluate"
         )

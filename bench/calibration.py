@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -43,11 +42,15 @@ from statistics import fmean
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))  # also when loaded by file path (bench/memory.py)
+
+# The tokenizer and training recipe are shared with the other benchmarks (bench/decoder.py);
+# build_tokenizer and read_documents stay importable from here.
+from decoder import SMALL_SHAPE, TOKENIZER_VOCAB, build_tokenizer, read_documents  # noqa: E402,F401
+from decoder import train_decoder as _train_decoder  # noqa: E402
 
 DEFAULT_DATA = ROOT / "tests" / "data" / "calibration.txt"
-TOKENIZER_VOCAB = 512
-DECODER_SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 4, "max_position_embeddings": 128, "tie_word_embeddings": False}
+DECODER_SHAPE = SMALL_SHAPE
 # Calibration settings per model: (samples, seq_len, eval_samples). The default text has 202
 # sentences, about 6,600 BPE tokens: 176 sentences for the encoder, 96 windows of 64 tokens
 # (of 102) for the decoder.
@@ -59,95 +62,12 @@ OBJECTIVES = [("weight", "initialised"), ("activation", "initialised"), ("activa
 # --------------------------------------------------------------------------- models
 
 
-def read_documents(path: Path) -> list[str]:
-    from loftq.calibration_data import read_documents as engine_read
-
-    return engine_read(path)[0]
-
-
-def build_tokenizer(data: Path, directory: Path) -> Path:
-    """A byte-level BPE tokenizer (512 entries) trained on the text, saved the transformers way.
-
-    The same recipe as the ``bpe_tokenizer_dir`` test fixture (tests/conftest.py): ``<s> … </s>``
-    around a text when special tokens are asked for, ``<unk>`` declared so that
-    len(tokenizer) stays the trained vocabulary."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    documents = read_documents(data)
-    specials = ["<s>", "</s>", "<pad>", "<unk>"]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(documents, vocab_size=TOKENIZER_VOCAB, min_frequency=2, special_tokens=specials,
-                            show_progress=False)
-    bos, eos = bpe.token_to_id("<s>"), bpe.token_to_id("</s>")
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(directory))
-    return directory
-
-
 def train_decoder(directory: Path, data: Path, steps: int, seed: int = 0, batch: int = 4, seq_len: int = 64,
                   lr: float = 2e-3, weight_decay: float = 0.1) -> dict:
-    """Generate, train and save (fp32 safetensors + tokenizer files) the Llama-shaped decoder.
-
-    Training windows are cut, at random offsets, from the documents joined by EOS and start
-    with BOS (the tokenizer adds one), as the engine packs decoder calibration text. AdamW,
-    linear warm-up over 10% of the steps, then cosine decay."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    build_tokenizer(data, directory)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    ids: list[int] = []
-    for n, encoded in enumerate(tokenizer(read_documents(data), add_special_tokens=False)["input_ids"]):
-        ids += ([tokenizer.eos_token_id] if n else []) + encoded
-    stream = torch.tensor(ids)
-    bos = tokenizer.bos_token_id
-    leading_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
-    width = seq_len - leading_bos
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DECODER_SHAPE)
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    model.train()
-    losses = []
-    for step in range(steps):
-        starts = torch.randint(0, stream.numel() - width, (batch,), generator=generator)
-        x = torch.stack([stream[s : s + width] for s in starts.tolist()])
-        if leading_bos:
-            x = torch.cat([torch.full((batch, 1), bos), x], dim=1)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"  train step {step + 1}/{steps}  loss {fmean(losses[-20:]):.3f}", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - started
-    model.eval()
-    model.save_pretrained(str(directory), safe_serialization=True)
-    final = fmean(losses[-20:])
-    return {"steps": steps, "batch": batch, "seq_len": seq_len, "leading_bos": leading_bos, "lr": lr,
-            "weight_decay": weight_decay, "tokens_in_text": stream.numel(), "final_train_loss": final, "final_train_ppl": math.exp(final), "uniform_ppl": float(len(tokenizer)),
-            "seconds": seconds, "parameters": sum(p.numel() for p in model.parameters())}
+    """Generate, train and save the decoder of this benchmark (``DECODER_SHAPE``, a 512-token
+    tokenizer trained on ``data``): ``decoder.train_decoder`` with this benchmark's settings."""
+    return _train_decoder(directory, data, steps, seed=seed, batch=batch, seq_len=seq_len, lr=lr,
+                          weight_decay=weight_decay, shape=DECODER_SHAPE, vocab_size=TOKENIZER_VOCAB)
 
 
 def decoder_for(source: Path, record: Path, data: Path, steps: int, keep: bool) -> dict:

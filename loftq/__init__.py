@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "CalibrationOptions": "loftq.options",
     "ConvertOptions": "loftq.options",
+    "RefineOptions": "loftq.options",
     "LoftQError": "loftq.errors",
     "LayerReport": "loftq.report",
     "ProgressEvent": "loftq.report",

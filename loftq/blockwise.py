@@ -280,6 +280,11 @@ class StreamedModel:
 
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        return self.block_forward(index, hidden, inputs)
+
+    def block_forward(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """Block ``index`` on ``hidden`` with what the model passed it besides; autograd as the
+        caller's mode says (refinement differentiates through it)."""
         kwargs = dict(inputs.kwargs)
         if inputs.hidden_key is None:
             out = self.blocks[index](hidden, *inputs.args, **kwargs)
@@ -288,6 +293,15 @@ class StreamedModel:
         if self.block_returns_tuple is None:
             self.block_returns_tuple = isinstance(out, tuple)
         return out[0] if isinstance(out, tuple) else out
+
+    def head_logits(self, final_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The logits of the model's own head (final norm, LM head) on final hidden states, with
+        autograd as the caller's mode says. The outer weights must be loaded."""
+        as_tuple = bool(self.block_returns_tuple)
+        stand_ins = [_Replay(final_hidden, as_tuple)] + [_Replay(None, as_tuple) for _ in range(len(self.blocks) - 1)]
+        embeds = torch.zeros(*final_hidden.shape[:2], int(self.config.hidden_size), device=self.device)
+        with self._blocks_replaced(stand_ins):
+            return self.model(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device), use_cache=False).logits
 
     @torch.no_grad()
     def run_head(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:

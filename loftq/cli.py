@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from loftq.errors import InvalidCalibrationData, InvalidOptions, LoftQError
-from loftq.options import CalibrationOptions, ConvertOptions
-from loftq.plot import PLOT_NAME
+from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
+from loftq.plot import PLOT_NAME, model_order
 from loftq.report import LayerReport, ProgressEvent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn Hugging Face checkpoints into LoftQ checkpoints.")
@@ -33,6 +34,19 @@ CALIBRATION_FLAGS = {
     "propagation": "propagation",
     "evaluate": "evaluate",
 }
+# CLI flag -> RefineOptions field; prefixed so they read as refinement settings next to the calibration ones.
+REFINE_FLAGS = {
+    "refine_steps": "steps",
+    "refine_lr": "lr",
+    "refine_batch_size": "batch_size",
+    "refine_holdout": "holdout",
+    "refine_target": "target",
+    "model_refine_steps": "model_steps",
+    "model_refine_lr": "model_lr",
+    "model_refine_batch_size": "model_batch_size",
+}
+# ConvertOptions field holding a nested settings model -> the flags that set its fields.
+NESTED_FLAGS = {"calibration": CALIBRATION_FLAGS, "refinement": REFINE_FLAGS}
 # ConvertOptions field path -> the flag that sets it, so a validation error names what the user typed.
 _FLAG_OF = {
     "quant": "--quant",
@@ -48,18 +62,23 @@ _FLAG_OF = {
     "backbone_format": "--backbone-format",
     "objective": "--objective",
     "damping": "--damping",
-    **{f"calibration.{field}": "--" + flag.replace("_", "-") for flag, field in CALIBRATION_FLAGS.items()},
+    "refine": "--refine",
+    **{f"{group}.{field}": "--" + flag.replace("_", "-") for group, flags in NESTED_FLAGS.items() for flag, field in flags.items()},
 }
 _METRIC_SHORT = {"weight": "weight err", "activation": "output err", "activation-diag": "diag-H err"}
 
 
-def _default(field: str) -> str:
+def _default(field: str, model: type[BaseModel] = ConvertOptions) -> str:
     """The model's default, for flags whose unset value must stay None (so only given flags reach the options)."""
-    return str(ConvertOptions.model_fields[field].default)
+    return str(model.model_fields[field].default)
 
 
 def _calib_default(field: str) -> str:
-    return str(CalibrationOptions.model_fields[field].default)
+    return _default(field, CalibrationOptions)
+
+
+def _refine_default(field: str) -> str:
+    return _default(field, RefineOptions)
 
 
 def _fail(code: str, message: str) -> typer.Exit:
@@ -86,13 +105,15 @@ def _options_from_flags(
     device: str | None = None,
     objective: str | None = None,
     damping: float | None = None,
-    **calibration: Any,
+    refine: str | None = None,
+    **nested: Any,
 ) -> ConvertOptions:
     """Turn ``convert``'s flags into :class:`ConvertOptions`; ``None`` means "not given", so the model's default holds.
 
+    ``nested`` takes the flags of :data:`NESTED_FLAGS` (``calib_samples=``, ``refine_steps=``, ...).
     Raises :class:`InvalidOptions` with every problem, each named by field and flag.
     """
-    unknown = set(calibration) - set(CALIBRATION_FLAGS)
+    unknown = set(nested) - {flag for flags in NESTED_FLAGS.values() for flag in flags}
     if unknown:
         raise TypeError(f"unknown flags: {sorted(unknown)}")
     if target and target_regex:
@@ -116,7 +137,11 @@ def _options_from_flags(
         "device": device,
         "objective": objective,
         "damping": damping,
-        "calibration": {CALIBRATION_FLAGS[flag]: value for flag, value in calibration.items() if value is not None} or None,
+        "refine": refine,
+        **{
+            group: {field: nested[flag] for flag, field in flags.items() if nested.get(flag) is not None} or None
+            for group, flags in NESTED_FLAGS.items()
+        },
     }
     try:
         return ConvertOptions(**{name: value for name, value in given.items() if value is not None})
@@ -129,23 +154,36 @@ def _options_from_flags(
         raise InvalidOptions("; ".join(problems)) from None
 
 
+def _as_flags(reason: str) -> str:
+    """``options.calibration_reason`` in the words the user typed: its leading ``field='value'``
+    (or bare ``field``) becomes ``--flag value``; text in another shape is kept as it is."""
+    match = re.match(r"(\w+)(?:=(['\"]?)(.*?)\2)?(?=\s|$)", reason)
+    flag = None if match is None else next((flag for path, flag in _FLAG_OF.items() if path.rsplit(".", 1)[-1] == match[1]), None)
+    if match is None or flag is None:
+        return reason
+    return flag + (f" {match[3]}" if match[3] is not None else "") + reason[match.end() :]
+
+
 def _check_calibration_data(calibration_data: Path | None, options: ConvertOptions) -> str | None:
     """Fail before torch is loaded on what is wrong in the flags alone; return a note for a no-op combination.
 
+    Whether the options need text is ``options.calibration_reason``'s to say (the rule is written once).
     The text itself (formats, enough tokens) is checked by the converter, which reads it.
     """
+    reason = options.calibration_reason
     if calibration_data is None:
-        if options.objective != "weight":
-            raise InvalidOptions(f"--objective {options.objective} fits the layers' outputs on calibration text: give --calibration-data PATH")
-        if options.calibration.evaluate:
-            raise InvalidOptions("--evaluate measures on held-out calibration text: give --calibration-data PATH")
+        if reason is not None:
+            raise InvalidOptions(f"{_as_flags(reason)}: give --calibration-data PATH")
         return None
     if not calibration_data.exists():
         raise InvalidCalibrationData(f"{calibration_data}: no such file or directory")
     if not (calibration_data.is_file() or calibration_data.is_dir()):
         raise InvalidCalibrationData(f"{calibration_data}: neither a file nor a directory")
-    if options.objective == "weight" and not options.calibration.evaluate:
-        return "--objective is weight: the calibration text only measures each layer's output error, it does not change the fit; add --objective activation (or activation-diag) to fit the layers' outputs"
+    if reason is None:
+        return (
+            "--objective is weight: the calibration text only measures each layer's output error, it does not change the fit; "
+            "add --objective activation (or activation-diag) to fit the layers' outputs, or --refine block to refine the adapters on it"
+        )
     return None
 
 
@@ -176,7 +214,7 @@ def convert(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     calibration_data: Annotated[
         Optional[Path],
-        typer.Option(help="Calibration text: a .txt/.jsonl file or a directory of them. Needed by --objective activation|activation-diag and --evaluate."),
+        typer.Option(help="Calibration text: a .txt/.jsonl file or a directory of them. Needed by --objective activation|activation-diag, --refine and --evaluate."),
     ] = None,
     objective: Annotated[
         Optional[str],
@@ -196,12 +234,33 @@ def convert(
         Optional[bool],
         typer.Option("--evaluate/--no-evaluate", help="Measure held-out perplexity and output cosine of the full-precision, quantized and initialised models.", show_default="no-evaluate"),
     ] = None,
+    refine: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Refine the closed-form adapters on the calibration text (needs --calibration-data): none, block (each block's adapters fitted to the full-precision block outputs, kept only if better on held-out sequences), model (all adapters against the full-precision model's outputs) or block+model.",
+            show_default=_default("refine"),
+        ),
+    ] = None,
+    refine_steps: Annotated[Optional[int], typer.Option(help="Block refinement: Adam steps per block.", show_default=_refine_default("steps"))] = None,
+    refine_lr: Annotated[Optional[float], typer.Option(help="Block refinement: relative learning rate (each tensor moves by about lr × its RMS per step).", show_default=_refine_default("lr"))] = None,
+    refine_batch_size: Annotated[Optional[int], typer.Option(help="Block refinement: calibration sequences per step.", show_default=_refine_default("batch_size"))] = None,
+    refine_holdout: Annotated[
+        Optional[float],
+        typer.Option(help="Block refinement: share of the calibration sequences held out of the steps, on which a block's refined adapters must beat the closed form.", show_default=_refine_default("holdout")),
+    ] = None,
+    refine_target: Annotated[
+        Optional[str],
+        typer.Option(help="Block refinement: match the full-precision block on the same inputs (block) or the full-precision model's hidden states (model: one more pass per block).", show_default=_refine_default("target")),
+    ] = None,
+    model_refine_steps: Annotated[Optional[int], typer.Option(help="Model refinement: Adam steps over the whole model.", show_default=_refine_default("model_steps"))] = None,
+    model_refine_lr: Annotated[Optional[float], typer.Option(help="Model refinement: relative learning rate.", show_default=_refine_default("model_lr"))] = None,
+    model_refine_batch_size: Annotated[Optional[int], typer.Option(help="Model refinement: calibration sequences per step.", show_default=_refine_default("model_batch_size"))] = None,
 ) -> None:
     """Convert SRC into a LoftQ checkpoint in OUT (backbone + loftq_init/ adapter + report + manifest).
 
     Targets default to all-linear (every Linear/Conv1D except the output head). With
     --calibration-data and --objective activation, each layer is fitted to its outputs on
-    that text rather than to its weights.
+    that text rather than to its weights; --refine then refines the adapters on it.
     """
     try:
         options = _options_from_flags(
@@ -229,6 +288,15 @@ def convert(
             calib_batch_size=calib_batch_size,
             propagation=propagation,
             evaluate=evaluate,
+            refine=refine,
+            refine_steps=refine_steps,
+            refine_lr=refine_lr,
+            refine_batch_size=refine_batch_size,
+            refine_holdout=refine_holdout,
+            refine_target=refine_target,
+            model_refine_steps=model_refine_steps,
+            model_refine_lr=model_refine_lr,
+            model_refine_batch_size=model_refine_batch_size,
         )
         note = _check_calibration_data(calibration_data, options)
     except LoftQError as exc:
@@ -296,6 +364,8 @@ def _print_summary(report: dict, out: Path, output: Console | None = None) -> No
     settings = f"{options['quant']} r={options['rank']} alpha={options['lora_alpha']} T={options['iters']} svd={options['svd']}"
     if objective != "weight":
         settings += f" objective={objective} damping={options.get('damping')}"
+    if options.get("refine", "none") != "none":
+        settings += f" refine={options['refine']}"
     table.add_row("settings", settings)
     calibration = report.get("calibration")
     if calibration:
@@ -338,6 +408,9 @@ def _print_summary(report: dict, out: Path, output: Console | None = None) -> No
             table.add_row("gap recovered by the adapters", f"{100 * evaluation['gap_recovered']:.1f} % (of the {basis} gap)")
         table.add_row("mean cosine to full precision, quantized only", f"{evaluation['cosine_quantized']:.5f}")
         table.add_row("mean cosine to full precision, with adapters", f"{evaluation['cosine_initialised']:.5f}")
+    if report.get("refinement"):
+        for label, value in _refinement_rows(report["refinement"]):
+            table.add_row(label, value)
     table.add_row("time", f"{summary['seconds']:.1f} s on {report['device']}")
     memory = f"{summary['peak_rss_mb']:.0f} MB RSS"
     if summary.get("peak_device_mb") is not None:
@@ -350,8 +423,35 @@ def _print_summary(report: dict, out: Path, output: Console | None = None) -> No
     (output or Console()).print(table)
 
 
+def _refinement_rows(refinement: dict[str, Any]) -> list[tuple[str, str]]:
+    """What refinement bought: blocks that kept their refined adapters, their mean held-out gain and the time;
+    the model stage's held-out loss before and after. Reads the derived figures ``Report.to_dict`` adds."""
+    blocks = refinement.get("blocks") or []
+    text = str(refinement.get("mode", "?"))
+    if blocks:
+        accepted = refinement.get("blocks_accepted", sum(bool(block.get("accepted")) for block in blocks))
+        text += f": {accepted}/{len(blocks)} blocks accepted"
+        gain = refinement.get("mean_block_gain")
+        if gain is not None:
+            text += f", mean held-out gain {100 * gain:.1f} %"
+    text += f", {refinement.get('seconds', 0.0):.1f} s"
+    if refinement.get("heldout_sequences"):
+        text += f" ({refinement['heldout_sequences']} held-out sequences)"
+    rows = [("refinement", text)]
+    model = refinement.get("model")
+    if model:
+        rows.append((
+            "model refinement",
+            f"held-out {model['loss']} {model['heldout_before']:.5g} → {model['heldout_after']:.5g}, "
+            f"{'accepted' if model['accepted'] else 'rejected'}, {model['steps']} steps, {model['seconds']:.1f} s",
+        ))
+    return rows
+
+
 def _layers_table(layers: list[dict[str, Any]]) -> Table:
-    """Every layer's errors; extra metrics, blocks and warnings only get columns when some layer has them."""
+    """Every layer's errors, in the model's order (``loftq.plot.model_order``, as the plot draws them);
+    extra metrics, blocks and warnings only get columns when some layer has them."""
+    layers = [layers[i] for i in model_order(layers)]
     with_diag = any(layer.get("objective") == "activation-diag" for layer in layers)
     with_output = any(_output_errors(layer) is not None for layer in layers)
     with_block = any(layer.get("block") is not None for layer in layers)

@@ -35,7 +35,7 @@ from loftq.storage import MANIFEST_NAME, Destination, Source
 from loftq.targets import ModelLayout, resolve_layout
 
 REPORT_NAME = "loftq_report.json"
-REPORT_FORMAT_VERSION = 2  # 2: objective and output errors per layer, calibration, evaluation
+REPORT_FORMAT_VERSION = 3  # 2: objective and output errors per layer, calibration, evaluation; 3: refinement
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -150,10 +150,8 @@ def convert(
     destination then holds no ``manifest.json``.
     """
     options = options or ConvertOptions()
-    if calibration_data is None and options.objective != "weight":
-        raise InvalidOptions(f"objective={options.objective!r} needs calibration data (text to compute the layers' inputs from)")
-    if calibration_data is None and options.calibration.evaluate:
-        raise InvalidOptions("evaluate needs calibration data (the held-out sequences are drawn from it)")
+    if calibration_data is None and (reason := options.calibration_reason) is not None:
+        raise InvalidOptions(f"{reason}: it needs calibration data")
     with tempfile.TemporaryDirectory(prefix="loftq-") as scratch:
         return _convert(
             source,
@@ -184,7 +182,7 @@ def convert_part(
     report and manifest. The artifacts are byte-identical to a single run's. Weight-space
     only: a calibrated conversion streams the whole model block by block, in one process.
     """
-    if options.objective != "weight" or options.calibration.evaluate:
+    if options.calibration_reason is not None:
         raise InvalidOptions("a calibrated conversion cannot be split into parts: it runs the model block by block in one process")
     checkpoint, _, layout = plan(source, options)
     unknown = sorted(set(shards) - set(checkpoint.shards))
@@ -419,6 +417,7 @@ def _convert(
         ),
         layers=layers,
         calibration=None if calibration is None else calibration.calibration,
+        refinement=None if calibration is None else calibration.refinement,
         warnings=[] if calibration is None else calibration.warnings,
     )
     try:  # a plot is a convenience: a failure to draw it must not fail the conversion

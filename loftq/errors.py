@@ -71,6 +71,13 @@ class MissingDependency(LoftQError):
     code = "missing_dependency"
 
 
+class InsufficientMemory(LoftQError):
+    """A stage that must hold more than this machine (or the job's memory limit) has, refused
+    before it starts (the model stage of refinement holds the whole model)."""
+
+    code = "out_of_memory"
+
+
 class InvalidCalibrationData(LoftQError):
     """Calibration text that cannot be read or tokenised into the requested sequences."""
 

@@ -18,6 +18,8 @@ SvdMethod = Literal["exact", "randomized"]
 Objective = Literal["weight", "activation", "activation-diag"]
 BackboneFormat = Literal["dequantized", "bnb-4bit"]
 Propagation = Literal["full-precision", "initialised"]
+Refine = Literal["none", "block", "model", "block+model"]
+RefineTarget = Literal["model", "block"]
 DeviceName = str  # "auto", "cpu", "cuda", "cuda:1", ...
 
 ALL_LINEAR = "all-linear"
@@ -71,6 +73,46 @@ class CalibrationOptions(BaseModel):
         return self
 
 
+class RefineOptions(BaseModel):
+    """How the closed-form adapters are refined on the calibration data (``ConvertOptions.refine``).
+
+    Block stage: each block's adapters (A, B of its targets; Q stays what is stored) take
+    ``steps`` Adam steps so that the block's output on its propagated calibration inputs
+    matches the full-precision one (``target``); they are kept only if that beats the
+    closed-form adapters on the ``holdout`` share of the calibration sequences, which the steps
+    never see. Model stage: ``model_steps`` steps on the whole initialised model, minimising the
+    KL divergence of its next-token distribution to the full-precision model's (decoders) or the
+    error of its final hidden states (encoders). Defaults are measured in bench/README.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    steps: int = Field(20, ge=1, le=100_000, description="Block stage: Adam steps per block.")
+    lr: float = Field(0.01, gt=0, le=1, description="Block stage: relative learning rate (each tensor moves by about lr × its RMS per step).")
+    batch_size: int = Field(2, ge=1, le=1024, description="Block stage: calibration sequences per step.")
+    holdout: float = Field(
+        0.125,
+        gt=0,
+        lt=1,
+        description=(
+            "Block stage: share of the calibration sequences held out of the steps (at least one); a block keeps "
+            "its refined adapters only if their output error on these is lower than the closed-form adapters'."
+        ),
+    )
+    target: RefineTarget = Field(
+        "block",
+        description=(
+            "Block stage: what a block's output should match. 'block': the full-precision block's output on the same "
+            "(propagated) inputs, computed while the second moments are collected; 'model': the full-precision model's "
+            "hidden states after that block, so the block also learns to undo upstream quantization error (one more "
+            "forward pass per block and a second copy of the stream)."
+        ),
+    )
+    model_steps: int = Field(20, ge=1, le=100_000, description="Model stage: Adam steps over the whole model.")
+    model_lr: float = Field(0.003, gt=0, le=1, description="Model stage: relative learning rate (as lr).")
+    model_batch_size: int = Field(4, ge=1, le=1024, description="Model stage: calibration sequences per step.")
+
+
 class ConvertOptions(BaseModel):
     """Everything that decides the numbers in a LoftQ checkpoint."""
 
@@ -115,6 +157,17 @@ class ConvertOptions(BaseModel):
     )
     calibration: CalibrationOptions = Field(
         default_factory=CalibrationOptions, description="Calibration and evaluation settings (used only with calibration data)."
+    )
+    refine: Refine = Field(
+        "none",
+        description=(
+            "Refinement of the closed-form adapters on the calibration data (needs calibration data): 'block' fits "
+            "each block's adapters to the full-precision block outputs, 'model' trains all adapters against the "
+            "full-precision model's outputs, 'block+model' both in turn; settings in refinement."
+        ),
+    )
+    refinement: RefineOptions = Field(
+        default_factory=RefineOptions, description="Refinement settings (used only when refine is not 'none')."
     )
     target_modules: str | list[str] = Field(
         ALL_LINEAR,
@@ -189,6 +242,25 @@ class ConvertOptions(BaseModel):
         if self.backbone_format == "bnb-4bit" and self.quant not in ("nf4", "fp4"):
             raise ValueError("backbone_format='bnb-4bit' needs quant nf4 or fp4")
         return self
+
+    @property
+    def calibration_reason(self) -> str | None:
+        """Why these options need calibration text (None when they do not): the one place the rule is written."""
+        if self.objective != "weight":
+            return f"objective={self.objective!r} fits each layer in the metric of its calibration inputs"
+        if self.refine != "none":
+            return f"refine={self.refine!r} refines the adapters on calibration text"
+        if self.calibration.evaluate:
+            return "evaluate measures the model on held-out calibration text"
+        return None
+
+    @property
+    def refines_blocks(self) -> bool:
+        return self.refine in ("block", "block+model")
+
+    @property
+    def refines_model(self) -> bool:
+        return self.refine in ("model", "block+model")
 
     @property
     def scaling(self) -> float:

@@ -1,7 +1,7 @@
 """A per-layer picture of what LoftQ bought: plain quantization error vs. LoftQ error, layer by layer.
 
 The plot is drawn from ``Report.to_dict()`` alone, so it can be (re)made from any
-``loftq_report.json``. matplotlib is imported inside :func:`write_layer_plot`, so importing
+``loftq_report.json``. matplotlib is imported inside :func:`layer_figure`, so importing
 ``loftq`` (the job API does, for the options) stays light.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOT_NAME = "loftq_layers.png"
 
@@ -24,7 +27,12 @@ METRIC_LABELS = {
 
 _MIN_WIDTH_IN, _MAX_WIDTH_IN, _INCH_PER_LAYER = 8.0, 32.0, 0.12
 _LABELS_PER_INCH = 6  # rotated 6-pt labels stay legible at about this density
+_BLOCK_LABELS_PER_INCH = 4  # upright block numbers on the top axis
 _DPI = 110
+
+# Targets outside the blocks that the model runs before them (embedding projections); every other
+# one (pooler, classifier, LM head) runs after the last block.
+_BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|project_in|patch", re.IGNORECASE)
 
 
 def metric_label(objective: str) -> str:
@@ -61,6 +69,58 @@ def short_names(modules: list[str]) -> list[str]:
             return names
 
 
+def block_of(layer: dict[str, Any]) -> tuple[str, int] | None:
+    """``(stack, block)`` of a report layer, None outside the transformer blocks.
+
+    The block is the report's ``block`` when it has one, else the module name's first numeric path
+    component (``model.layers.12.mlp.down_proj`` -> 12); the stack is the path before that component
+    (``model.layers``), so a model with two stacks of blocks does not interleave them.
+    """
+    parts = str(layer.get("module", "")).split(".")
+    index = next((i for i, part in enumerate(parts) if part.isascii() and part.isdigit()), None)
+    block = layer.get("block")
+    if block is None and index is not None:
+        block = int(parts[index])
+    if block is None:
+        return None
+    return (".".join(parts[:index]) if index is not None else "", int(block))
+
+
+def model_order(layers: list[dict[str, Any]]) -> list[int]:
+    """Indices of ``layers`` (report dicts) in the order the model runs them.
+
+    Reports list layers in checkpoint-file order, where ``layers.10`` sorts before ``layers.2``;
+    here blocks go by number (0, 1, 2, ..., 10, 11), modules within a block keep the report's
+    order, layers outside blocks go first if they are embedding-side and last otherwise (the
+    head). The CLI's per-layer table uses the same order as the plot.
+    """
+    keys = [block_of(layer) for layer in layers]
+    stacks = {stack: rank for rank, stack in enumerate(dict.fromkeys(key[0] for key in keys if key is not None))}
+
+    def position(i: int) -> tuple[int, int, int, int]:
+        key = keys[i]
+        if key is None:
+            return (0 if _BEFORE_BLOCKS.search(str(layers[i].get("module", ""))) else 2, 0, 0, i)
+        return (1, stacks[key[0]], key[1], i)
+
+    return sorted(range(len(layers)), key=position)
+
+
+def block_spans(layers: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """``(first, past_last, block)``: the runs of consecutive positions in ``layers`` (pass them in
+    :func:`model_order`) that belong to one block; layers outside blocks are in no span."""
+    spans: list[tuple[int, int, int]] = []
+    previous: tuple[str, int] | None = None
+    for i, layer in enumerate(layers):
+        key = block_of(layer)
+        if key is not None and key == previous:
+            spans[-1] = (spans[-1][0], i + 1, key[1])
+        elif key is not None:
+            spans.append((i, i + 1, key[1]))
+        previous = key
+    return spans
+
+
 def _number(value: Any) -> float:
     """JSON reports may hold null (or NaN) for a value the run could not measure; plot those as gaps."""
     return math.nan if value is None else float(value)
@@ -82,9 +142,15 @@ def _evaluation_text(evaluation: dict[str, Any]) -> str:
 
 
 def write_layer_plot(report: dict[str, Any], path: Path | str) -> None:
-    """Write a PNG of every layer's error before and after the adapters, in the objective's metric.
+    """Write :func:`layer_figure` of ``report`` as a PNG."""
+    layer_figure(report).savefig(path, format="png")
 
-    x: layers in report order; series: plain quantization (``objective_error_quant``) and LoftQ
+
+def layer_figure(report: dict[str, Any]) -> Figure:
+    """Every layer's error before and after the adapters, in the objective's metric.
+
+    x: layers in the model's order (:func:`model_order`), blocks in alternating bands numbered on
+    the top axis; series: plain quantization (``objective_error_quant``) and LoftQ
     (``objective_error``); with an activation objective also the weight error after LoftQ, faint,
     because the fit trades some of it for output error. Held-out evaluation numbers, when the
     report has them, go in a text box.
@@ -92,6 +158,7 @@ def write_layer_plot(report: dict[str, Any], path: Path | str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, no backend switching in workers
 
     layers = report.get("layers") or []
+    layers = [layers[i] for i in model_order(layers)]
     summary = report.get("summary") or {}
     options = report.get("options") or {}
     objective = summary.get("objective") or options.get("objective") or "weight"
@@ -113,11 +180,20 @@ def write_layer_plot(report: dict[str, Any], path: Path | str) -> None:
         ax.plot(xs, weight_after, color="tab:blue", alpha=0.35, linestyle="--", linewidth=1.0, label="LoftQ, weight error ‖W−·‖/‖W‖")
         plotted += weight_after
 
-    # Faint separators between transformer blocks, where the report knows them.
-    blocks = [layer.get("block") for layer in layers]
-    for i in range(1, n):
-        if blocks[i] is not None and blocks[i] != blocks[i - 1]:
-            ax.axvline(i - 0.5, color="0.85", linewidth=0.6, zorder=0)
+    # Transformer blocks: every other one shaded, a faint line at each boundary, numbers on top.
+    spans = block_spans(layers)
+    for k, (first, past_last, _) in enumerate(spans):
+        if k % 2:
+            ax.axvspan(first - 0.5, past_last - 0.5, color="0.95", linewidth=0, zorder=0)
+    for boundary in sorted({edge for first, past_last, _ in spans for edge in (first, past_last)} - {0, n}):
+        ax.axvline(boundary - 0.5, color="0.8", linewidth=0.6, zorder=0)
+    if spans:
+        step = math.ceil(len(spans) / max(1, int(width * _BLOCK_LABELS_PER_INCH)))
+        block_axis = ax.secondary_xaxis("top")
+        block_axis.set_xticks([(first + past_last - 1) / 2 for first, past_last, _ in spans[::step]])
+        block_axis.set_xticklabels([str(block) for _, _, block in spans[::step]], fontsize=7)
+        block_axis.tick_params(length=0)
+        block_axis.set_xlabel("block", fontsize=8)
 
     if n:
         max_labels = max(1, int(width * _LABELS_PER_INCH))
@@ -135,7 +211,7 @@ def write_layer_plot(report: dict[str, Any], path: Path | str) -> None:
     evaluation = summary.get("evaluation")
     top = max(finite, default=1.0) * (1.45 if evaluation else 1.25)
     ax.set_ylim(0, top if top > 0 else 1.0)
-    ax.set_xlabel(f"layer ({n}, report order)")
+    ax.set_xlabel(f"layer ({n}, model order)")
     ax.set_ylabel(metric_label(objective))
     ax.grid(axis="y", color="0.9", linewidth=0.6)
     ax.set_axisbelow(True)
@@ -162,4 +238,4 @@ def write_layer_plot(report: dict[str, Any], path: Path | str) -> None:
             family="monospace",
             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9},
         )
-    fig.savefig(path, format="png")
+    return fig

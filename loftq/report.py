@@ -30,6 +30,7 @@ class LayerReport:
     # damped H of this layer's calibration inputs, for plain quantization and with adapters.
     output_error_quant: float | None = None
     output_error: float | None = None
+    refined: bool = False  # block refinement replaced the closed-form adapters (errors are the refined ones)
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,62 @@ class Calibration:
 
 
 @dataclass
+class BlockRefinement:
+    """One block's refinement (``refine`` block): losses are the block's mean squared output
+    error to the full-precision model's, relative to the mean square of that output, over the
+    held-out calibration sequences (``heldout_*``) or the last steps' batches (``train_*``)."""
+
+    block: int
+    accepted: bool  # the refined adapters beat the closed-form ones on the held-out sequences
+    heldout_closed_form: float
+    heldout_refined: float  # of the best checkpoint of the steps
+    train_first: float
+    train_last: float
+    steps: int
+    seconds: float
+
+    @property
+    def gain(self) -> float:
+        """Share of the closed-form held-out error the refinement removed (negative: worse)."""
+        return 1 - self.heldout_refined / self.heldout_closed_form if self.heldout_closed_form > 0 else 0.0
+
+
+@dataclass
+class ModelRefinement:
+    """The model stage (``refine`` model): the loss is the mean KL divergence per token of the
+    initialised model's next-token distribution to the full-precision model's (decoders with a
+    head), or the relative mean squared error of the final hidden states (encoders)."""
+
+    loss: str  # "kl" or "hidden-mse"
+    heldout_before: float
+    heldout_after: float
+    accepted: bool
+    steps: int
+    seconds: float
+    peak_memory_mb: float
+
+
+@dataclass
+class Refinement:
+    """What refinement did: per block, and the model stage when it ran."""
+
+    mode: str
+    blocks: list[BlockRefinement] = field(default_factory=list)
+    model: ModelRefinement | None = None
+    heldout_sequences: int = 0  # calibration sequences held out of the steps
+    seconds: float = 0.0
+
+    @property
+    def blocks_accepted(self) -> int:
+        return sum(block.accepted for block in self.blocks)
+
+    @property
+    def mean_block_gain(self) -> float | None:
+        """Mean held-out gain over the blocks, counting rejected ones as 0 (they keep the closed form)."""
+        return fmean([block.gain if block.accepted else 0.0 for block in self.blocks]) if self.blocks else None
+
+
+@dataclass
 class Summary:
     layers: int
     mean_error_quant: float
@@ -126,10 +183,18 @@ class Report:
     summary: Summary
     layers: list[LayerReport] = field(default_factory=list)
     calibration: Calibration | None = None
+    refinement: Refinement | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.refinement is not None:  # the derived figures too: readers of the JSON should not recompute them
+            refinement = data["refinement"]
+            refinement["blocks_accepted"] = self.refinement.blocks_accepted
+            refinement["mean_block_gain"] = self.refinement.mean_block_gain
+            for block, entry in zip(self.refinement.blocks, refinement["blocks"]):
+                entry["gain"] = block.gain
+        return data
 
 
 def _mean(values: list[float]) -> float:

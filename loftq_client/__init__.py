@@ -32,7 +32,9 @@ from loftq_client.models import (
     JobPage,
     JobRequest,
     JobSummary,
+    ModelRefinement,
     Progress,
+    Refinement,
     Upload,
 )
 
@@ -54,7 +56,9 @@ __all__ = [
     "JobSummary",
     "LoftQClient",
     "LoftQClientError",
+    "ModelRefinement",
     "Progress",
+    "Refinement",
     "UnsafeArtifactPath",
     "Upload",
     "parse_sse",

@@ -4,6 +4,8 @@
     loftq-jobs submit s3://models/llama-3-8b/ --distributed --wait        # shards over several workers
     loftq-jobs submit s3://models/llama-3-8b/ --calibration-data s3://datasets/calib.txt \
         --objective activation --evaluate --calib-samples 128 --wait
+    loftq-jobs submit s3://models/llama-3-8b/ --calibration-data s3://datasets/calib.txt \
+        --objective activation --refine block --refine-steps 200 --wait
     loftq-jobs status JOB_ID
     loftq-jobs list --state running
     loftq-jobs logs JOB_ID --follow
@@ -29,7 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, LoftQClientError, UnsafeArtifactPath
-from loftq_client.models import Evaluation, Event, Job
+from loftq_client.models import Evaluation, Event, Job, Refinement
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_ERROR = 2  # API, network or checksum error
@@ -141,6 +143,25 @@ def _evaluation_rows(e: Evaluation) -> list[tuple[str, str]]:
     return rows
 
 
+def _refinement_rows(r: Refinement) -> list[tuple[str, str]]:
+    """Blocks that kept their refined adapters and the mean held-out gain; the model stage's held-out loss."""
+    text = r.mode
+    if r.blocks_total:
+        text += f": {r.blocks_accepted}/{r.blocks_total} blocks accepted"
+        if r.mean_block_gain is not None:
+            text += f", mean held-out gain {r.mean_block_gain:.1%}"
+    if r.seconds is not None:
+        text += f", {r.seconds:.1f} s"
+    rows = [("refinement", text)]
+    if r.model is not None:
+        m = r.model
+        rows.append((
+            "  model stage",
+            f"held-out {m.loss} {_num(m.heldout_before)} → {_num(m.heldout_after)}, {'accepted' if m.accepted else 'rejected'}, {m.steps} steps",
+        ))
+    return rows
+
+
 def _fmt_event(event: Event) -> str:
     return f"{_fmt_time(event.time)} {event.type} {json.dumps(event.data, sort_keys=True, default=str)}"
 
@@ -173,6 +194,23 @@ def submit(
     eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Held-out sequences for --evaluate.")] = None,
     propagation: Annotated[
         Optional[str], typer.Option(help="What each block is calibrated on: initialised or full-precision.")
+    ] = None,
+    refine: Annotated[
+        Optional[str], typer.Option(help="Refine the adapters on the calibration text: none, block, model or block+model (needs --calibration-data).")
+    ] = None,
+    refine_steps: Annotated[Optional[int], typer.Option("--refine-steps", help="Block refinement: Adam steps per block.")] = None,
+    refine_lr: Annotated[Optional[float], typer.Option("--refine-lr", help="Block refinement: relative learning rate.")] = None,
+    refine_batch_size: Annotated[Optional[int], typer.Option("--refine-batch-size", help="Block refinement: sequences per step.")] = None,
+    refine_holdout: Annotated[
+        Optional[float], typer.Option("--refine-holdout", help="Block refinement: share of the calibration sequences held out of the steps.")
+    ] = None,
+    refine_target: Annotated[
+        Optional[str], typer.Option("--refine-target", help="Block refinement: match the full-precision block (block) or model (model).")
+    ] = None,
+    model_refine_steps: Annotated[Optional[int], typer.Option("--model-refine-steps", help="Model refinement: Adam steps.")] = None,
+    model_refine_lr: Annotated[Optional[float], typer.Option("--model-refine-lr", help="Model refinement: learning rate.")] = None,
+    model_refine_batch_size: Annotated[
+        Optional[int], typer.Option("--model-refine-batch-size", help="Model refinement: sequences per step.")
     ] = None,
     distributed: Annotated[
         bool, typer.Option("--distributed", help="Spread the shards over several workers, then merge (not with calibration).")
@@ -217,6 +255,17 @@ def submit(
                 "eval_samples": eval_samples,
                 "propagation": propagation,
                 "evaluate": True if evaluate else None,
+            },
+            refine=refine,
+            refinement={
+                "steps": refine_steps,
+                "lr": refine_lr,
+                "batch_size": refine_batch_size,
+                "holdout": refine_holdout,
+                "target": refine_target,
+                "model_steps": model_refine_steps,
+                "model_lr": model_refine_lr,
+                "model_batch_size": model_refine_batch_size,
             },
         )
         typer.echo(job.id)
@@ -287,6 +336,8 @@ def status(
             rows.append(("calibration", f"{c.sequences} sequences × {c.seq_len} tokens from {c.documents} documents, sha256 {c.sha256[:12]}"))
         if s.evaluation is not None:
             rows += _evaluation_rows(s.evaluation)
+        if s.refinement is not None:
+            rows += _refinement_rows(s.refinement)
     if job.error is not None:
         rows.append(("error", f"[{job.error.code}] {job.error.message}"))
     for key, value in rows:

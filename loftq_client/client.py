@@ -203,10 +203,12 @@ class LoftQClient:
     ) -> Job:
         """Submit a conversion. ``options`` are engine options (quant, bits, rank, lora_alpha, iters,
         svd, target_modules, backbone_format, objective, calibration={samples, seq_len, eval_samples,
-        seed, batch_size, propagation, evaluate}, ...); ``None`` values, also inside a dict option,
-        are left out so server defaults apply. ``calibration_data`` is a URI of calibration text
-        (``s3://bucket/key.txt``, ``s3://bucket/prefix/`` or ``file:///path``), needed when
-        ``objective`` is not "weight" or ``calibration["evaluate"]`` is true. ``distributed`` spreads
+        seed, batch_size, propagation, evaluate}, refine="none"|"block"|"model"|"block+model",
+        refinement={steps, lr, batch_size, holdout, model_steps, model_lr, model_batch_size}, ...);
+        ``None`` values, also inside a dict option, are left out so server defaults apply.
+        ``calibration_data`` is a URI of calibration text (``s3://bucket/key.txt``,
+        ``s3://bucket/prefix/`` or ``file:///path``), needed when ``objective`` is not "weight",
+        ``refine`` is not "none" or ``calibration["evaluate"]`` is true. ``distributed`` spreads
         the weight shards over several workers (``shards_per_part`` to a task) and merges them;
         the artifacts are the same; not for calibrated jobs (422)."""
         body: dict[str, Any] = {

@@ -68,6 +68,32 @@ class Calibration(_Model):
     blocks: int = 0
 
 
+class ModelRefinement(_Model):
+    """The model stage of a refinement: the held-out ``loss`` ("kl" for decoders, "hidden-mse" for
+    encoders) before and after its steps, and whether the result was kept."""
+
+    loss: str = ""
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    accepted: bool = False
+    steps: int = 0
+    seconds: float | None = None
+
+
+class Refinement(_Model):
+    """What refinement (``options.refine``) did: blocks that kept their refined adapters, their
+    mean held-out gain (rejected blocks count 0) and the model stage when it ran."""
+
+    mode: str = ""
+    blocks_total: int = 0
+    blocks_accepted: int = 0
+    blocks_rejected: int = 0
+    mean_block_gain: float | None = None
+    heldout_sequences: int = 0
+    seconds: float | None = None
+    model: ModelRefinement | None = None
+
+
 class JobSummary(_Model):
     layers: int
     mean_error_quant: float
@@ -78,6 +104,7 @@ class JobSummary(_Model):
     mean_objective_error: float | None = None
     evaluation: Evaluation | None = None
     calibration: Calibration | None = None
+    refinement: Refinement | None = None
 
 
 class JobRequest(_Model):
@@ -156,7 +183,9 @@ __all__ = [
     "JobPage",
     "JobRequest",
     "JobSummary",
+    "ModelRefinement",
     "Progress",
+    "Refinement",
 ]
 
 

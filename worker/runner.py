@@ -29,7 +29,18 @@ from pydantic import ValidationError
 
 from api.errors import InvalidTransition, ServiceError, request_validation_error
 from api.jobstore import MERGE, JobStore, NotLeaseHolder
-from api.schemas import CalibrationSummary, ErrorInfo, EvaluationSummary, Job, JobCreate, JobState, JobSummary, Progress
+from api.schemas import (
+    CalibrationSummary,
+    ErrorInfo,
+    EvaluationSummary,
+    Job,
+    JobCreate,
+    JobState,
+    JobSummary,
+    ModelRefinementSummary,
+    Progress,
+    RefinementSummary,
+)
 from api.settings import Settings
 from api.storage import ObjectStore, store_from_settings
 from worker.watchdog import Watchdog
@@ -404,9 +415,34 @@ def layer_event(event) -> dict:  # loftq.report.ProgressEvent with a layer
     return data
 
 
+def refinement_summary(refinement) -> RefinementSummary:  # refinement: loftq.report.Refinement
+    """The counts and means of a refinement; the per-block figures stay in the report artifact."""
+    model = refinement.model
+    return RefinementSummary(
+        mode=refinement.mode,
+        blocks_total=len(refinement.blocks),
+        blocks_accepted=refinement.blocks_accepted,
+        blocks_rejected=len(refinement.blocks) - refinement.blocks_accepted,
+        mean_block_gain=_finite(refinement.mean_block_gain),
+        heldout_sequences=refinement.heldout_sequences,
+        seconds=_finite(refinement.seconds),
+        model=None
+        if model is None
+        else ModelRefinementSummary(
+            loss=model.loss,
+            heldout_before=_finite(model.heldout_before),
+            heldout_after=_finite(model.heldout_after),
+            accepted=model.accepted,
+            steps=model.steps,
+            seconds=_finite(model.seconds),
+        ),
+    )
+
+
 def job_summary(report) -> JobSummary:  # report: loftq.report.Report
     """What the job record keeps of the report: the error means, and for calibrated runs the
-    held-out evaluation and what the calibration read (the full report is an artifact)."""
+    held-out evaluation, what the calibration read and what refinement did (the full report is
+    an artifact)."""
     summary = report.summary
     evaluation = summary.evaluation
     calibration = report.calibration
@@ -426,4 +462,5 @@ def job_summary(report) -> JobSummary:  # report: loftq.report.Report
             **{k: _finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(evaluation).items()}
         ),
         calibration=None if calibration is None else CalibrationSummary(**dataclasses.asdict(calibration)),
+        refinement=None if report.refinement is None else refinement_summary(report.refinement),
     )

@@ -87,6 +87,11 @@ def test_parse_file_follows_the_source_rules(roots: Settings, tmp_path: Path) ->
         ({"objective": "activation"}, True),
         ({"objective": "activation-diag"}, True),
         ({"calibration": {"evaluate": True}}, True),
+        ({"refinement": {"steps": 5}}, False),  # refinement settings alone do not switch it on
+        ({"refine": "none"}, False),
+        ({"refine": "block"}, True),
+        ({"refine": "model"}, True),
+        ({"refine": "block+model"}, True),
     ],
 )
 def test_which_options_need_calibration_data(roots: Settings, options: dict, needed: bool) -> None:
@@ -99,6 +104,21 @@ def test_which_options_need_calibration_data(roots: Settings, options: dict, nee
         check_job_inputs(request.model_copy(update={"calibration_data": "s3://datasets/calib.txt"}), roots)
     else:
         check_job_inputs(request, roots)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"objective": "activation"}, "options.objective='activation' fits each layer in the metric of its calibration inputs"),
+        ({"refine": "block"}, "options.refine='block' refines the adapters on calibration text"),
+        ({"calibration": {"evaluate": True}}, "options.calibration.evaluate measures the model on held-out calibration text"),
+    ],
+)
+def test_the_reason_is_the_options_own_named_by_its_path(options: dict, reason: str) -> None:
+    """``ConvertOptions.calibration_reason`` says why; the API names the field as it is in the request."""
+    request = JobCreate(source="s3://models/x/", options=options)
+    assert needs_calibration_data(request) == reason
+    assert request.options.calibration_reason in reason
 
 
 def test_calibration_data_is_kept_with_the_job_and_old_records_still_load() -> None:
@@ -158,6 +178,12 @@ def test_post_keeps_calibration_data_and_returns_it(api: TestClient) -> None:
         ({"options": {"objective": "hessian"}, "calibration_data": "s3://d/c.txt"}, "invalid_request", "objective"),
         ({"options": {"calibration": {"samples": 0}}}, "invalid_request", "samples"),
         ({"options": {"calibration": {"propagation": "sideways"}}}, "invalid_request", "propagation"),
+        ({"options": {"refine": "bogus"}, "calibration_data": "s3://d/c.txt"}, "invalid_request", "options.refine: Input should be 'none', 'block', 'model' or 'block+model'"),
+        ({"options": {"refine": "block"}}, "invalid_request", "calibration_data: required: options.refine='block' refines the adapters on calibration text"),
+        ({"options": {"refinement": {"holdout": 1.0}}}, "invalid_request", "options.refinement.holdout"),
+        ({"options": {"refinement": {"steps": 0, "lr": "fast"}}}, "invalid_request", "options.refinement.lr"),
+        ({"options": {"refinement": {"epochs": 3}}}, "invalid_request", "options.refinement.epochs"),
+        ({"options": {"refine": "model"}, "distributed": True}, "invalid_request", "a distributed job needs options.refine='none', not 'model'"),
     ],
 )
 def test_post_refuses_bad_calibration_requests(api: TestClient, body: dict, code: str, needle: str) -> None:
@@ -165,6 +191,16 @@ def test_post_refuses_bad_calibration_requests(api: TestClient, body: dict, code
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == code and needle in error["message"], error
+
+
+def test_post_keeps_the_refinement_options(api: TestClient) -> None:
+    body = {"source": "s3://models/llama/", "calibration_data": "s3://datasets/calib/",
+            "options": {"objective": "activation", "refine": "block+model", "refinement": {"steps": 50, "model_lr": 1e-5}}}
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    options = api.get(f"/v1/jobs/{response.json()['id']}").json()["request"]["options"]
+    assert options["refine"] == "block+model"
+    assert options["refinement"] == {"steps": 50, "lr": 1e-3, "batch_size": 4, "holdout": 0.125, "model_steps": 20, "model_lr": 1e-5, "model_batch_size": 4}
 
 
 def test_a_bad_source_is_still_reported_first(api: TestClient) -> None:

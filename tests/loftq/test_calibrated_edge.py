@@ -213,9 +213,10 @@ def test_fitted_copies_are_kept_only_when_something_runs_on_them(
     def recording(self: CalibratedConversion, target, h, block):
         gc.collect()
         alive.update(name for name, ref in refs if ref() is not None)
-        effective = fit(self, target, h, block)
+        effective, parts = fit(self, target, h, block)
         refs.append(("effective", weakref.ref(effective)))
-        return effective
+        refs.append(("q_loaded", weakref.ref(parts[0])))  # kept only for refinement
+        return effective, parts
 
     def on_block(done: int, total: int) -> None:
         refs.clear()

@@ -14,8 +14,8 @@ from rich.console import Console
 
 from loftq import cli
 from loftq.errors import InvalidCalibrationData, InvalidOptions
-from loftq.options import CalibrationOptions, ConvertOptions
-from loftq.report import Calibration, Evaluation, LayerReport, Report, summarize
+from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
+from loftq.report import BlockRefinement, Calibration, Evaluation, LayerReport, ModelRefinement, Refinement, Report, summarize
 
 
 def loftq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -91,7 +91,9 @@ def test_missing_source_and_incomplete_output(tmp_path: Path) -> None:
 # --- calibrated conversions: flags, fail-fast checks and the closing table (no conversion needed) ---
 
 
-def calibrated_report(evaluation: Evaluation | None, objective: str = "activation", output_errors: bool = True) -> dict[str, Any]:
+def calibrated_report(
+    evaluation: Evaluation | None, objective: str = "activation", output_errors: bool = True, refinement: Refinement | None = None
+) -> dict[str, Any]:
     """A ``Report.to_dict()`` shaped like a calibrated conversion's, built from the real dataclasses."""
     layers = [
         LayerReport(
@@ -126,6 +128,7 @@ def calibrated_report(evaluation: Evaluation | None, objective: str = "activatio
         summary=summary,
         layers=layers,
         calibration=calibration,
+        refinement=refinement,
     ).to_dict()
     if output_errors:  # measured with the full H whatever the objective (set as dict keys: older LayerReports lack them)
         for layer in report["layers"]:
@@ -144,6 +147,8 @@ def test_help_lists_the_calibration_flags() -> None:
     assert result.returncode == 0
     for option in ("--calibration-data", "--objective", "--damping", "--calib-samples", "--calib-seq-len", "--eval-samples", "--calib-seed", "--calib-batch-size", "--propagation", "--evaluate", "--no-evaluate"):
         assert option in result.stdout
+    for option in ("--refine", "--refine-steps", "--refine-lr", "--refine-batch-size", "--refine-holdout", "--model-refine-steps", "--model-refine-lr", "--model-refine-batch-size"):
+        assert option in result.stdout
 
 
 def test_unset_flags_keep_the_model_defaults() -> None:
@@ -154,6 +159,21 @@ def test_unset_flags_keep_the_model_defaults() -> None:
     assert options.calibration == CalibrationOptions(samples=32, seed=3, evaluate=True)
     every = cli._options_from_flags(calib_samples=4, calib_seq_len=64, eval_samples=0, calib_seed=7, calib_batch_size=2, propagation="full-precision", evaluate=False)
     assert every.calibration == CalibrationOptions(samples=4, seq_len=64, eval_samples=0, seed=7, batch_size=2, propagation="full-precision", evaluate=False)
+
+
+def test_refine_flags_map_to_the_options() -> None:
+    options = cli._options_from_flags(refine="block+model", refine_steps=7, refine_lr=0.01, refine_batch_size=2, refine_holdout=0.25,
+                                      model_refine_steps=3, model_refine_lr=1e-5, model_refine_batch_size=1, calib_samples=16)
+    assert options.refine == "block+model" and options.refines_blocks and options.refines_model
+    assert options.refinement == RefineOptions(steps=7, lr=0.01, batch_size=2, holdout=0.25, model_steps=3, model_lr=1e-5, model_batch_size=1)
+    assert options.calibration == CalibrationOptions(samples=16)
+    some = cli._options_from_flags(refine="block", refine_steps=5)
+    assert some.refinement == RefineOptions(steps=5) and some.refine == "block"  # flags left out keep the defaults
+    assert cli._options_from_flags(model_refine_steps=2).refine == "none"  # settings alone do not switch refinement on
+    with pytest.raises(InvalidOptions, match=r"refine \(--refine\).*refinement\.holdout \(--refine-holdout\).*refinement\.model_lr \(--model-refine-lr\)"):
+        cli._options_from_flags(refine="bogus", refine_holdout=1.5, model_refine_lr=0.0)
+    with pytest.raises(TypeError, match="unknown flags"):
+        cli._options_from_flags(refine_epochs=3)
 
 
 def test_bad_calibration_flags_name_the_flag() -> None:
@@ -183,11 +203,35 @@ def test_calibration_data_checks(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (ConvertOptions(refine="block"), "--refine block refines the adapters on calibration text: give --calibration-data PATH"),
+        (ConvertOptions(refine="block+model"), "--refine block+model "),
+        (ConvertOptions(objective="activation-diag"), "--objective activation-diag fits each layer"),
+        (ConvertOptions(calibration=CalibrationOptions(evaluate=True)), "--evaluate measures"),
+    ],
+)
+def test_missing_calibration_data_names_the_flag_that_needs_it(options: ConvertOptions, message: str) -> None:
+    """The refusal is ``options.calibration_reason`` in flags, so the user sees which flag asked for the text."""
+    with pytest.raises(InvalidOptions) as info:
+        cli._check_calibration_data(None, options)
+    assert message in str(info.value) and str(info.value).endswith("give --calibration-data PATH")
+
+
+def test_refine_with_calibration_data_gets_no_note(tmp_path: Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n")
+    assert cli._check_calibration_data(text, ConvertOptions(refine="model")) is None
+
+
+@pytest.mark.parametrize(
     ("args", "code", "message"),
     [
         (["--calibration-data", "MISSING", "--objective", "activation"], "invalid_calibration_data", "no such file or directory"),
         (["--objective", "activation"], "invalid_options", "give --calibration-data"),
         (["--evaluate"], "invalid_options", "give --calibration-data"),
+        (["--refine", "block", "--refine-steps", "5"], "invalid_options", "--refine block refines the adapters on calibration text: give --calibration-data"),
+        (["--refine", "sideways"], "invalid_options", "refine (--refine)"),
         (["--calib-seq-len", "4"], "invalid_options", "--calib-seq-len"),
     ],
 )
@@ -298,6 +342,44 @@ def test_layers_table_adds_objective_columns_only_when_relevant() -> None:
         layer["block"], layer["warnings"] = None, []
     text = rendered(plain)
     assert "output err" not in text and "diag-H" not in text and "block" not in text and "warnings" not in text
+
+
+REFINEMENT = Refinement(
+    mode="block+model",
+    blocks=[
+        BlockRefinement(block=0, accepted=True, heldout_closed_form=0.02, heldout_refined=0.015, train_first=0.03, train_last=0.01, steps=100, seconds=1.5),
+        BlockRefinement(block=1, accepted=False, heldout_closed_form=0.02, heldout_refined=0.021, train_first=0.03, train_last=0.02, steps=100, seconds=1.5),
+    ],
+    model=ModelRefinement(loss="kl", heldout_before=0.0421, heldout_after=0.0312, accepted=True, steps=20, seconds=4.25, peak_memory_mb=300.0),
+    heldout_sequences=2,
+    seconds=7.25,
+)
+
+
+def test_summary_shows_the_refinement(tmp_path: Path) -> None:
+    report = calibrated_report(None, refinement=REFINEMENT)
+    report["options"]["refine"] = "block+model"
+    text = render(report, tmp_path)
+    assert "refine=block+model" in next(line for line in text.splitlines() if "settings" in line)
+    line = next(line for line in text.splitlines() if "│ refinement" in line)
+    for part in ("block+model: 1/2 blocks accepted", "mean held-out gain 12.5 %", "7.2 s", "2 held-out sequences"):
+        assert part in line, line
+    line = next(line for line in text.splitlines() if "model refinement" in line)
+    assert "held-out kl 0.0421 → 0.0312, accepted, 20 steps, 4.2 s" in line, line
+    block_only = Refinement(mode="block", blocks=REFINEMENT.blocks[:1], seconds=1.5)
+    text = render(calibrated_report(None, refinement=block_only), tmp_path)
+    assert "block: 1/1 blocks accepted, mean held-out gain 25.0 %" in text and "model refinement" not in text
+    assert "refinement" not in render(calibrated_report(None), tmp_path)  # none: no row (the report holds null)
+
+
+def test_layers_table_lists_blocks_in_the_models_order() -> None:
+    report = calibrated_report(None)
+    extra = [dict(report["layers"][0], module=f"model.layers.{block}.self_attn.q_proj", block=block) for block in (10, 2, 11)]
+    layers = sorted(report["layers"] + extra, key=lambda layer: layer["module"])  # the file's text order: 0, 1, 10, 11, 2
+    buffer = io.StringIO()
+    Console(file=buffer, width=300).print(cli._layers_table(layers))
+    rows = [line.split("│")[1].strip() for line in buffer.getvalue().splitlines() if "model.layers." in line]
+    assert [int(row.split(".")[2]) for row in rows] == [0, 0, 1, 1, 2, 10, 11]
 
 
 def test_progress_line_stays_in_one_metric() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from loftq.options import ConvertOptions
-from loftq.plot import PLOT_NAME, metric_label, short_name, short_names, write_layer_plot
+from loftq.plot import PLOT_NAME, block_of, block_spans, layer_figure, metric_label, model_order, short_name, short_names, write_layer_plot
 from loftq.report import Evaluation, LayerReport, Report, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -123,6 +123,59 @@ def test_labels() -> None:
     assert short_names(["a.b", "a.b"]) == ["a.b", "a.b"]  # identical names cannot be told apart: no endless loop
     assert "‖W−·‖/‖W‖" in metric_label("weight")
     assert "H^½" in metric_label("activation") and "H^½" in metric_label("activation-diag")
+
+
+def text_sorted(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with its layers in text order, as a checkpoint's file lists them ("layers.10" before "layers.2"),
+    plus an embedding-side projection and a head, which lie outside the blocks."""
+    outer = [dict(report["layers"][0], module=name, block=None) for name in ("lm_head", "model.embed_proj")]
+    return {**report, "layers": sorted(report["layers"] + outer, key=lambda layer: layer["module"])}
+
+
+@pytest.mark.parametrize("objective", ["weight", "activation"])  # block from the name / from the report's field
+def test_model_order_of_12_blocks_is_numeric(objective: str) -> None:
+    model = synthetic_report(12 * 7, objective)
+    report = text_sorted(model)
+    modules = [layer["module"] for layer in report["layers"]]
+    assert modules.index("model.layers.10.mlp.down_proj") < modules.index("model.layers.2.mlp.down_proj")  # file order
+    ordered = [report["layers"][i] for i in model_order(report["layers"])]
+    blocks = [block_of(layer) for layer in ordered]
+    assert ordered[0]["module"] == "model.embed_proj" and ordered[-1]["module"] == "lm_head"
+    assert blocks[0] is None and blocks[-1] is None
+    assert [block for _, block in blocks[1:-1]] == [block for block in range(12) for _ in range(7)]
+    # Within a block, the report's order (here the file's: mlp.down_proj, mlp.gate_proj, ...).
+    in_block_3 = [layer["module"].split(".", 3)[-1] for layer in ordered if block_of(layer) == ("model.layers", 3)]
+    assert in_block_3 == sorted(in_block_3)
+    assert block_spans(ordered) == [(1 + 7 * block, 8 + 7 * block, block) for block in range(12)]
+
+
+def test_block_of_prefers_the_report_field_and_keeps_stacks_apart() -> None:
+    assert block_of({"module": "model.layers.12.mlp.experts.3.down_proj"}) == ("model.layers", 12)
+    assert block_of({"module": "encoder.layer.2.attention.self.query", "block": 7}) == ("encoder.layer", 7)
+    assert block_of({"module": "pooler.dense"}) is None and block_of({"module": "pooler.dense", "block": None}) is None
+    layers = [{"module": name} for name in ("vision.blocks.1.fc", "text.layers.0.q", "vision.blocks.0.fc", "text.layers.1.q")]
+    assert [layers[i]["module"] for i in model_order(layers)] == ["vision.blocks.0.fc", "vision.blocks.1.fc", "text.layers.0.q", "text.layers.1.q"]
+    ordered = [layers[i] for i in model_order(layers)]
+    assert block_spans(ordered) == [(0, 1, 0), (1, 2, 1), (2, 3, 0), (3, 4, 1)]  # same number, different stacks: two blocks
+    assert model_order([]) == [] and block_spans([]) == []
+
+
+def test_plot_draws_layers_in_model_order_with_numbered_blocks(tmp_path: Path) -> None:
+    report = text_sorted(synthetic_report(12 * 7, "activation", EVALUATION))
+    figure = layer_figure(report)
+    ax = figure.axes[0]
+    labels = [label.get_text() for label in ax.get_xticklabels()]
+    numbered = [label.split(".")[0] for label in labels if label[:1].isdigit()]
+    assert numbered == sorted(numbered, key=int) and numbered[-1] == "11"
+    (block_axis,) = ax.child_axes  # block numbers on the top axis
+    assert [label.get_text() for label in block_axis.get_xticklabels()] == [str(block) for block in range(12)]
+    shaded = [patch for patch in ax.patches if patch.get_facecolor()[:3] != (1.0, 1.0, 1.0)]
+    assert len(shaded) == 6  # every other block
+    boundaries = sorted(line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1)
+    assert boundaries == [1 + 7 * block - 0.5 for block in range(13)]  # also after the embedding side and before the head
+    write_layer_plot(report, tmp_path / PLOT_NAME)
+    width, height = png_size(tmp_path / PLOT_NAME)
+    assert width > 0 and height > 0
 
 
 def test_importing_loftq_does_not_load_matplotlib() -> None:

@@ -602,6 +602,54 @@ def test_cli_status_shows_calibration_progress_and_evaluation(server: FakeServer
     assert json.loads(result.stdout)["summary"]["evaluation"]["gap_recovered"] == 0.7519
 
 
+REFINED = {
+    **EVALUATED,
+    "refinement": {"mode": "block+model", "blocks_total": 2, "blocks_accepted": 1, "blocks_rejected": 1,
+                   "mean_block_gain": 0.125, "heldout_sequences": 2, "seconds": 7.25,
+                   "model": {"loss": "kl", "heldout_before": 0.0421, "heldout_after": 0.0312, "accepted": True, "steps": 20, "seconds": 4.0}},
+}
+
+
+def test_create_job_passes_refine_through(server: FakeServer) -> None:
+    with server.client() as client:
+        job = client.create_job("s3://models/llama/", calibration_data="s3://datasets/calib/", objective="activation",
+                                refine="block+model", refinement={"steps": 50, "lr": None, "model_lr": 1e-5})
+    assert job.request.options == {"objective": "activation", "refine": "block+model", "refinement": {"steps": 50, "model_lr": 1e-5}}
+
+
+def test_refined_job_summary_parses() -> None:
+    job = Job.model_validate({"id": "job1", "state": "succeeded", "created_at": T0, "summary": REFINED})
+    refinement = job.summary.refinement
+    assert (refinement.mode, refinement.blocks_accepted, refinement.blocks_total, refinement.mean_block_gain) == ("block+model", 1, 2, 0.125)
+    assert refinement.model.heldout_after == 0.0312 and refinement.model.accepted
+    partial = Job.model_validate({"id": "job2", "state": "succeeded", "created_at": T0,
+                                  "summary": {**EVALUATED, "refinement": {"mode": "model", "model": {"loss": "hidden-mse", "heldout_after": None},
+                                                                          "added_later": 1}}})
+    assert partial.summary.refinement.blocks_total == 0 and partial.summary.refinement.model.heldout_after is None
+    assert Job.model_validate({"id": "job3", "state": "succeeded", "created_at": T0, "summary": EVALUATED}).summary.refinement is None
+
+
+def test_cli_submit_refine_flags(server: FakeServer, run_cli) -> None:
+    result = run_cli("submit", "s3://models/llama/", "--calibration-data", "s3://datasets/calib.txt", "--refine", "block+model",
+                     "--refine-steps", "50", "--refine-lr", "0.002", "--refine-batch-size", "2", "--refine-holdout", "0.25",
+                     "--model-refine-steps", "10", "--model-refine-lr", "1e-5", "--model-refine-batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert server.jobs["job001"]["request"]["options"] == {"refine": "block+model", "refinement": {
+        "steps": 50, "lr": 0.002, "batch_size": 2, "holdout": 0.25, "model_steps": 10, "model_lr": 1e-5, "model_batch_size": 1}}
+    result = run_cli("submit", "s3://models/llama/", "--calibration-data", "s3://d/c/", "--refine", "block")
+    assert result.exit_code == 0, result.output
+    assert server.jobs["job002"]["request"]["options"] == {"refine": "block"}  # no settings: server defaults
+
+
+def test_cli_status_shows_the_refinement(server: FakeServer, run_cli) -> None:
+    server.add_job(state="succeeded", summary=REFINED)
+    result = run_cli("status", "job001")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "refinement block+model: 1/2 blocks accepted, mean held-out gain 12.5%, 7.2 s" in out
+    assert "model stage held-out kl 0.0421 → 0.0312, accepted, 20 steps" in out
+
+
 def test_create_distributed_job(server: FakeServer) -> None:
     with server.client() as client:
         job = client.create_job("s3://models/llama/", distributed=True, shards_per_part=2, rank=8)

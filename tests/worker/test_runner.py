@@ -1,7 +1,9 @@
-"""The job runner's lease keeper against a real Redis-compatible server."""
+"""The job runner's lease keeper against a real Redis-compatible server; the job summary it keeps of a report."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 
@@ -9,7 +11,8 @@ import pytest
 
 from api.jobstore import JobStore
 from api.schemas import JobCreate
-from worker.runner import LeaseKeeper
+from loftq.report import BlockRefinement, LayerReport, ModelRefinement, Refinement, Report, summarize
+from worker.runner import LeaseKeeper, job_summary
 
 
 @pytest.fixture
@@ -87,3 +90,30 @@ def test_a_failure_after_the_lease_was_lost_records_no_end(store: JobStore, tmp_
         assert job.state is JobState.running and job.error is None
     else:
         assert job.state is JobState.failed and job.error.code == "source_not_found"
+
+
+def _report(refinement: Refinement | None) -> Report:
+    layers = [LayerReport(module="model.layers.0.mlp.up_proj", key="model.layers.0.mlp.up_proj.weight", shard="model.safetensors",
+                          shape=(8, 8), fan_in_fan_out=False, error_quant=0.2, error=0.1, iter_errors=[0.1], best_iter=1, seconds=0.1)]
+    summary = summarize(layers, seconds=1.0, peak_rss_mb=1.0, peak_device_mb=None, shards=1, shards_resumed=0)
+    return Report(format_version=2, source="s", architecture="LlamaForCausalLM", options={}, scaling=1.0, device="cpu",
+                  versions={}, summary=summary, layers=layers, refinement=refinement)
+
+
+def test_job_summary_keeps_the_refinement_counts_with_non_finite_numbers_as_null() -> None:
+    blocks = [
+        BlockRefinement(block=0, accepted=True, heldout_closed_form=0.2, heldout_refined=0.1, train_first=0.3, train_last=0.1, steps=10, seconds=1.0),
+        BlockRefinement(block=1, accepted=False, heldout_closed_form=0.2, heldout_refined=0.3, train_first=0.3, train_last=0.2, steps=10, seconds=1.0),
+        BlockRefinement(block=2, accepted=True, heldout_closed_form=0.2, heldout_refined=0.15, train_first=0.3, train_last=0.1, steps=10, seconds=1.0),
+    ]
+    model = ModelRefinement(loss="kl", heldout_before=0.05, heldout_after=math.nan, accepted=False, steps=5, seconds=2.0, peak_memory_mb=10.0)
+    summary = job_summary(_report(Refinement(mode="block+model", blocks=blocks, model=model, heldout_sequences=3, seconds=5.5)))
+    refinement = summary.refinement
+    assert (refinement.mode, refinement.blocks_total, refinement.blocks_accepted, refinement.blocks_rejected) == ("block+model", 3, 2, 1)
+    assert refinement.mean_block_gain == pytest.approx((0.5 + 0 + 0.25) / 3) and refinement.seconds == 5.5
+    assert refinement.heldout_sequences == 3
+    assert refinement.model.model_dump() == {"loss": "kl", "heldout_before": 0.05, "heldout_after": None, "accepted": False, "steps": 5, "seconds": 2.0}
+    assert json.loads(summary.model_dump_json())["refinement"]["model"]["heldout_after"] is None  # NaN does not survive JSON
+    model_only = job_summary(_report(Refinement(mode="model", model=model, seconds=2.0))).refinement
+    assert model_only.blocks_total == 0 and model_only.mean_block_gain is None
+    assert job_summary(_report(None)).refinement is None
