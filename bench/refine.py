@@ -1,7 +1,7 @@
 """Refinement benchmark: how much of the quantization's perplexity gap each initialisation closes.
 
 On the corpus decoder of bench/decoder.py (trained on the ``pretrain`` split of bench/corpus.py),
-side by side in one run, for every quantizer and rank asked for:
+or any decoder directory given with ``--model``, side by side in one run, for every quantizer and rank asked for:
 
 * ``plain``: the quantized backbone without adapters (the backbone of a weight-space T=1
   conversion is exactly quant(W));
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    source = trained_decoder(work)
+    source = args.model or trained_decoder(work)
     calibration = corpus.write_split("calibration", work / "calibration.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     windows = packed_windows(tokenizer, corpus.splits()["heldout"], SEQ_LEN)
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"[refine] {quant} r={rank} {method}: ppl {ppl:.4f} in {seconds:.1f} s", file=sys.stderr, flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
-    training = json.loads((source / "training.json").read_text())
+    record = source / "training.json"
+    training = json.loads(record.read_text()) if record.is_file() else {}
     return {"fp_ppl": fp, "rows": rows, "decoder": {"path": str(source), "heldout_ppl": training.get("heldout_ppl"),
                                                     "parameters": training.get("parameters"), "shape": training.get("settings", {}).get("shape")},
             "calib_samples": args.calib_samples, "seq_len": SEQ_LEN, "heldout_windows": int(windows.shape[0]),
@@ -142,6 +143,7 @@ def main() -> int:
     parser.add_argument("--quants", nargs="+", default=["nf4", "nf3", "nf2"], help="quantizers; int:N for N-bit uniform")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--model", type=Path, help="a decoder checkpoint directory (with its tokenizer) instead of the bench decoder")
     parser.add_argument("--weight-iters", type=int, default=5)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "loftq-bench-decoders")

@@ -14,6 +14,7 @@ from api.errors import InvalidCalibrationSource, InvalidRequest
 from api.schemas import Job, JobCreate, JobSummary, Progress
 from api.settings import Settings
 from api.sources import CalibrationLocation, check_job_inputs, needs_calibration_data, parse_calibration_uri
+from loftq.options import RefineOptions
 
 
 @pytest.fixture
@@ -200,7 +201,7 @@ def test_post_keeps_the_refinement_options(api: TestClient) -> None:
     assert response.status_code == 202, response.text
     options = api.get(f"/v1/jobs/{response.json()['id']}").json()["request"]["options"]
     assert options["refine"] == "block+model"
-    assert options["refinement"] == {"steps": 50, "lr": 1e-3, "batch_size": 4, "holdout": 0.125, "model_steps": 20, "model_lr": 1e-5, "model_batch_size": 4}
+    assert options["refinement"] == {**RefineOptions().model_dump(), "steps": 50, "model_lr": 1e-5}
 
 
 def test_a_bad_source_is_still_reported_first(api: TestClient) -> None:

@@ -45,3 +45,21 @@ def test_calibrated_conversion_on_cuda_matches_cpu(calib_mistral: Path, tmp_path
     for cpu_layer, gpu_layer in zip(cpu.layers, gpu.layers):
         assert gpu_layer.output_error == pytest.approx(cpu_layer.output_error, rel=1e-2)
     assert gpu.summary.evaluation.perplexity_initialised == pytest.approx(cpu.summary.evaluation.perplexity_initialised, rel=1e-3)
+
+
+def test_refined_conversion_on_cuda(calib_mistral: Path, tmp_path: Path, calibration_text: Path) -> None:
+    """Both refinement stages run on the device; no block is kept unless it is better held out."""
+    from loftq.options import CalibrationOptions, RefineOptions
+
+    calibration = CalibrationOptions(samples=12, seq_len=32, eval_samples=4, batch_size=4, evaluate=True)
+    options = ConvertOptions(
+        rank=8, objective="activation", device="cuda", calibration=calibration, refine="block+model",
+        refinement=RefineOptions(steps=10, batch_size=2, holdout=0.25, model_steps=3),
+    )
+    report = convert_directory(calib_mistral, tmp_path / "out", options, calibration_data=calibration_text)
+    assert report.device.startswith("cuda")
+    refinement = report.refinement
+    assert refinement is not None and refinement.blocks and refinement.model is not None
+    for block in refinement.blocks:
+        assert not block.accepted or block.heldout_refined < block.heldout_closed_form
+    assert (tmp_path / "out" / "manifest.json").is_file()

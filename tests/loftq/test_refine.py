@@ -253,3 +253,23 @@ def test_one_calibration_sequence_keeps_the_closed_form_with_a_warning(calib_lla
     )
     assert report.refinement is not None and report.refinement.blocks == []
     assert any("at least 2 calibration sequences" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("fixture", ["calib_gpt2", "calib_bert", "calib_gemma2"])
+def test_block_refinement_runs_on_every_family(fixture: str, request: pytest.FixtureRequest, calibration_text: Path, tmp_path: Path) -> None:
+    path = request.getfixturevalue(fixture)
+    options = ConvertOptions(
+        objective="activation",
+        refine="block",
+        refinement=RefineOptions(steps=8, batch_size=2, holdout=0.25),
+        calibration=CalibrationOptions(samples=8, seq_len=32, eval_samples=4, batch_size=4, evaluate=True),
+    )
+    report = convert_directory(path, tmp_path / "out", options, calibration_data=calibration_text)
+    assert (tmp_path / "out" / MANIFEST_NAME).is_file()
+    refinement = report.refinement
+    assert refinement is not None and refinement.blocks
+    for block in refinement.blocks:
+        assert block.heldout_closed_form > 0 and (not block.accepted or block.heldout_refined < block.heldout_closed_form)
+    for layer in report.layers:
+        if layer.refined:  # a refined layer's errors are recomputed from W, Q and the refined adapters
+            assert 0 < layer.error < 1 and layer.output_error is not None
