@@ -398,6 +398,8 @@ def _convert(
     outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
 
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    position = {key: i for i, key in enumerate(layout.targets)}  # the model's own module order
+    layers.sort(key=lambda layer: position.get(layer.key, len(position)))
     report = Report(
         format_version=REPORT_FORMAT_VERSION,
         source=source.name,

@@ -89,8 +89,9 @@ def block_of(layer: dict[str, Any]) -> tuple[str, int] | None:
 def model_order(layers: list[dict[str, Any]]) -> list[int]:
     """Indices of ``layers`` (report dicts) in the order the model runs them.
 
-    Reports list layers in checkpoint-file order, where ``layers.10`` sorts before ``layers.2``;
-    here blocks go by number (0, 1, 2, ..., 10, 11), modules within a block keep the report's
+    Reports written since format 3 list layers in the model's module order already; older ones
+    (and hand-made ones) in checkpoint-file order, where ``layers.10`` sorts before ``layers.2``.
+    Here blocks go by number (0, 1, 2, ..., 10, 11), modules within a block keep the report's
     order, layers outside blocks go first if they are embedding-side and last otherwise (the
     head). The CLI's per-layer table uses the same order as the plot.
     """

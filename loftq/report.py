@@ -181,7 +181,7 @@ class Report:
     device: str
     versions: dict[str, str]
     summary: Summary
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)  # in the model's module order
     calibration: Calibration | None = None
     refinement: Refinement | None = None
     warnings: list[str] = field(default_factory=list)
