@@ -71,7 +71,7 @@ def _alive(pid: int) -> bool:
     """Running, sleeping or stopped: not gone and not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, the file was read
         return False
 
 
