@@ -366,8 +366,6 @@ class CalibratedConversion:
             else:  # steps take batches of the refinement's size; the held-out slice is only measured
                 streams = [self._capture(train, options.refinement.batch_size), self._capture(holdout)]
             held_out = _Evaluator(self._capture(data.evaluation)) if evaluate else None
-        # Refinement's targets: the full-precision model's hidden states at every block, carried
-        # beside the propagated streams (the same tensors until the first block differs).
         model_stage = holdout is not None and options.refines_model
         block_stage = holdout is not None and options.refines_blocks
         # The full-precision model's hidden states at every block (the model stage's teacher, the
@@ -600,7 +598,7 @@ class CalibratedConversion:
             with model.loaded(block_names), model.loaded(outer):
                 batches = [
                     [
-                        ModelBatch(embedded[s][b], [stream.inputs[b][i] for i in range(len(model.blocks))], stream.ids[b], stream.masks[b], teacher[s][b])
+                        ModelBatch(embedded[s][b], [stream.inputs[b][i] for i in range(len(model.blocks))], stream.masks[b], teacher[s][b])
                         for b in range(len(stream.hidden))
                     ]
                     for s, stream in enumerate(streams)
@@ -610,32 +608,26 @@ class CalibratedConversion:
                 head = kl_pieces(model.head_logits, max(1, HEAD_LOGITS_BYTES // (4 * vocab * length))) if model.has_loss else None
                 stage = ModelStage(model.block_forward, len(model.blocks), adapters, head, self.options.refinement, self.options.seed, self.should_stop)
                 report, refined = stage.run(batches[0], batches[1], self.options.refinement.batch_size)
-                if refined is None:  # the block stage's adapters stay: the hooks must compute with them
-                    refined = {key: (a, b) for key, (_, a, b) in self.held.items()}
-                else:
-                    refined = {key: balanced(a, b) for key, (a, b) in refined.items()}
+                if refined is not None:
                     for target in targets:
-                        a, b = refined[target.key]
+                        a, b = balanced(*refined[target.key])
                         self.fits.replace_adapters(target, a, b, replace(self.fits.reports[target.key], refined=True))
-                for key, (a, b) in refined.items():
-                    adapters.params[key][0].data, adapters.params[key][1].data = a, b
-                if held_out is not None and held_out.embedded is not None and report.accepted:
-                    with torch.no_grad():
-                        final = []
-                        for b, hidden in enumerate(held_out.embedded):
+                        adapters.params[target.key][0].data, adapters.params[target.key][1].data = a, b  # as stored
+
+                    @torch.no_grad()
+                    def final_states(first: list[torch.Tensor], inputs: list[list[BlockInputs]]) -> list[torch.Tensor]:
+                        outputs = []
+                        for b, hidden in enumerate(first):
                             for i in range(len(model.blocks)):
-                                hidden = model.block_forward(i, hidden, held_out.stream.inputs[b][i])
-                            final.append(hidden)
-                        held_out.init = final
-                if report.accepted:  # the head's targets are fitted on the final model's states
-                    with torch.no_grad():
-                        for stream, first in zip(streams, embedded):
-                            finals = []
-                            for b, hidden in enumerate(first):
-                                for i in range(len(model.blocks)):
-                                    hidden = model.block_forward(i, hidden, stream.inputs[b][i])
-                                finals.append(hidden)
-                            stream.hidden = finals
+                                hidden = model.block_forward(i, hidden, inputs[b][i])
+                            outputs.append(hidden)
+                        return outputs
+
+                    # The evaluation and the head's targets see the final model.
+                    if held_out is not None and held_out.embedded is not None:
+                        held_out.init = final_states(held_out.embedded, held_out.stream.inputs)
+                    for stream, first in zip(streams, embedded):
+                        stream.hidden = final_states(first, stream.inputs)
         finally:
             adapters.remove()
             for handle in handles:

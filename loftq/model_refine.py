@@ -107,7 +107,6 @@ class Batch:
 
     embedded: torch.Tensor  # block 0's input
     inputs: list  # per block: what the model passed it besides the hidden states (blockwise.BlockInputs)
-    ids: torch.Tensor
     mask: torch.Tensor
     teacher: torch.Tensor  # the full-precision model's last block output
 
