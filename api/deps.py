@@ -8,12 +8,11 @@ from fastapi import Depends, Request
 
 from api.auth import caller_tenant
 from api.event_stream import EventHub
-from api.jobstore import JobStore
-from api.policy import SourcePolicy
-from api.queue import JobQueue
-from api.settings import Settings
-from api.storage import ObjectStore
-
+from service.jobstore import JobStore
+from service.policy import SourcePolicy
+from service.queue import JobQueue
+from service.settings import Settings
+from service.storage import ObjectStore
 
 # The getters are ``async def`` because they only read app.state: FastAPI runs sync
 # dependencies on its thread pool, and a thread hop per dependency per request is waste.

@@ -66,9 +66,9 @@ def serve(
     from pydantic import ValidationError
 
     from api.main import create_app
-    from api.redis_server import start_redis_server
     from api.server import run as run_api
-    from api.settings import Settings
+    from service.redis_server import start_redis_server
+    from service.settings import Settings
 
     try:
         api_keys = Settings().api_keys
@@ -129,7 +129,7 @@ def hash_key_command(
 ) -> None:
     """Make an API key for TENANT: prints the key (give it to the tenant; it is not stored) and the
     tenant:sha256 entry for LOFTQ_API_KEYS (comma-separate several)."""
-    from api.auth import TENANT_PATTERN, hash_key, new_key
+    from service.tenants import TENANT_PATTERN, hash_key, new_key
 
     if not TENANT_PATTERN.match(tenant):
         typer.echo(f"invalid tenant {tenant!r}: lower-case letters, digits, - and _, at most 63", err=True)

@@ -1,152 +1,91 @@
-"""Typed service errors and their one mapping to HTTP."""
+"""The one mapping of the service's typed errors to HTTP: status codes and response headers.
+
+The errors themselves (service/errors.py and the core modules that raise them) carry only a
+code and a message; a worker records the same pair in a failed job. The two errors defined
+here are the HTTP server's own (api/server.py answers them before the app sees a request)."""
 
 from __future__ import annotations
 
-
-class ServiceError(Exception):
-    status = 400
-    code = "bad_request"
-    headers: dict[str, str] | None = None  # extra response headers (WWW-Authenticate on 401)
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class Unauthorized(ServiceError):
-    """No API key, or one the operator did not configure (RFC 6750's challenge in the header)."""
-
-    status = 401
-    code = "unauthorized"
-
-    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
-        super().__init__(message)
-        challenge = 'Bearer realm="loftq"' + (', error="invalid_token"' if invalid_token else "")
-        self.headers = {"WWW-Authenticate": challenge}
-
-
-class RequestTooLarge(ServiceError):
-    status = 413
-    code = "request_too_large"
+from service.errors import (
+    ArtifactNotFound,
+    CalibrationDataNotFound,
+    CalibrationDataTooLarge,
+    IdempotencyKeyReused,
+    InvalidCalibrationSource,
+    InvalidRequest,
+    InvalidSource,
+    InvalidTransition,
+    JobNotFinished,
+    JobNotFound,
+    MalformedJson,
+    ModelTooLarge,
+    RequestTooLarge,
+    ServiceError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from service.policy import SourceNotAllowed
+from service.storage import StorageUnavailable
+from service.uploads import UploadConflict, UploadIncomplete, UploadNotFound
 
 
 class RequestTimeout(ServiceError):
     """A request (its headers, or its body) that did not arrive in time: the client is too slow
     or stalled (LOFTQ_REQUEST_HEADER_TIMEOUT_SECONDS, LOFTQ_REQUEST_BODY_TIMEOUT_SECONDS)."""
 
-    status = 408
     code = "request_timeout"
-    headers = {"Connection": "close"}  # the rest of the request is never read
-
-
-class TooManyRequests(ServiceError):
-    """A per-tenant limit (submission rate, queued jobs); ``Retry-After`` says when to retry."""
-
-    status = 429
-
-    def __init__(self, message: str, *, code: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.headers = {"Retry-After": str(max(1, retry_after))}
-
-
-class JobNotFound(ServiceError):
-    status = 404
-    code = "job_not_found"
-
-
-class ArtifactNotFound(ServiceError):
-    status = 404
-    code = "artifact_not_found"
-
-
-class MalformedJson(ServiceError):
-    """A body that is not JSON at all (a syntax error, bytes that are not UTF-8, nesting or a
-    number too large to parse): 400, apart from 422 ``invalid_request``, which is JSON that
-    does not fit the request's schema."""
-
-    status = 400
-    code = "malformed_json"
-
-
-class InvalidSource(ServiceError):
-    status = 422
-    code = "invalid_source"
-
-
-class InvalidRequest(ServiceError):
-    """A request that pydantic accepts field by field but whose fields do not fit together."""
-
-    status = 422
-    code = "invalid_request"
-
-
-def request_validation_error(problems: list[dict]) -> ServiceError:
-    """FastAPI's request validation problems as a service error: a body that could not be
-    parsed is ``malformed_json``, anything else ``invalid_request`` naming every field."""
-    for problem in problems:
-        if problem.get("type") == "json_invalid":
-            position = problem.get("loc", ("body", "?"))[-1]
-            reason = (problem.get("ctx") or {}).get("error") or problem.get("msg", "")
-            return MalformedJson(f"the body is not valid JSON: {reason} (at character {position})")
-    return InvalidRequest("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems))
-
-
-class InvalidCalibrationSource(ServiceError):
-    """A ``calibration_data`` URI refused before queueing (same code as calibration text the
-    engine cannot use, so a client learns which field to fix either way)."""
-
-    status = 422
-    code = "invalid_calibration_data"
-
-
-class CalibrationDataNotFound(ServiceError):
-    """The calibration URI names nothing the worker can read (raised in the worker)."""
-
-    status = 404
-    code = "calibration_data_not_found"
-
-
-class CalibrationDataTooLarge(ServiceError):
-    """More calibration text than ``calibration_max_bytes`` (raised in the worker, before any download)."""
-
-    status = 413
-    code = "calibration_data_too_large"
-
-
-class ModelTooLarge(ServiceError):
-    """A source checkpoint above ``max_model_bytes`` (raised in the worker, before any download)."""
-
-    status = 413
-    code = "model_too_large"
-
-
-class JobNotFinished(ServiceError):
-    status = 409
-    code = "job_not_finished"
-
-
-class IdempotencyKeyReused(ServiceError):
-    """An ``Idempotency-Key`` already used for a different request body."""
-
-    status = 409
-    code = "idempotency_key_reused"
-
-
-class InvalidTransition(ServiceError):
-    status = 409
-    code = "invalid_transition"
-
-
-class Unavailable(ServiceError):
-    status = 503
-    code = "unavailable"
 
 
 class Overloaded(ServiceError):
     """The API process serves LOFTQ_MAX_CONNECTIONS connections or requests already (answered
     by the HTTP server in api/server.py before the app sees the request)."""
 
-    status = 503
     code = "overloaded"
-    headers = {"Retry-After": "1", "Connection": "close"}
+
+
+STATUS: dict[type[ServiceError], int] = {
+    ServiceError: 400,
+    MalformedJson: 400,
+    Unauthorized: 401,
+    JobNotFound: 404,
+    ArtifactNotFound: 404,
+    UploadNotFound: 404,
+    CalibrationDataNotFound: 404,
+    RequestTimeout: 408,
+    JobNotFinished: 409,
+    IdempotencyKeyReused: 409,
+    InvalidTransition: 409,
+    UploadIncomplete: 409,
+    UploadConflict: 409,
+    RequestTooLarge: 413,
+    CalibrationDataTooLarge: 413,
+    ModelTooLarge: 413,
+    InvalidSource: 422,
+    InvalidRequest: 422,
+    InvalidCalibrationSource: 422,
+    SourceNotAllowed: 422,
+    TooManyRequests: 429,
+    Unavailable: 503,
+    StorageUnavailable: 503,
+    Overloaded: 503,
+}
+"""Status per error class; a subclass not listed answers with its nearest listed base's."""
+
+
+def http_status(error: ServiceError | type[ServiceError]) -> int:
+    cls = error if isinstance(error, type) else type(error)
+    return next(STATUS[base] for base in cls.__mro__ if base in STATUS)
+
+
+def http_headers(error: ServiceError) -> dict[str, str] | None:
+    """Response headers an error calls for: RFC 6750's challenge on 401, Retry-After on 429."""
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": 'Bearer realm="loftq"' + (', error="invalid_token"' if error.invalid_token else "")}
+    if isinstance(error, TooManyRequests):
+        return {"Retry-After": str(error.retry_after)}
+    if isinstance(error, RequestTimeout):
+        return {"Connection": "close"}  # the rest of the request is never read
+    if isinstance(error, Overloaded):
+        return {"Retry-After": "1", "Connection": "close"}
+    return None

@@ -43,9 +43,9 @@ import redis.asyncio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.errors import JobNotFound, TooManyRequests
-from api.jobstore import JobStore
-from api.schemas import Event, Job, JobState
+from service.errors import JobNotFound, TooManyRequests
+from service.jobstore import JobStore
+from service.models import Event, Job, JobState
 
 log = logging.getLogger(__name__)
 

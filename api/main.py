@@ -18,23 +18,23 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import (
+from api.errors import RequestTimeout, http_headers, http_status
+from api.event_stream import EventHub, StreamSlots, raise_open_file_limit
+from api.routes import artifacts, health, jobs, uploads
+from service.errors import (
     InvalidRequest,
     MalformedJson,
-    RequestTimeout,
     RequestTooLarge,
     ServiceError,
     request_validation_error,
 )
-from api.event_stream import EventHub, StreamSlots, raise_open_file_limit
-from api.jobstore import JobStore
-from api.queue import JobQueue
-from api.policy import SourcePolicy
-from api.routes import artifacts, health, jobs, uploads
-from api.settings import Settings, get_settings
-from api.storage import store_from_settings
-from api.sweeper import Sweeper
-from api.text import unsafe_message
+from service.jobstore import JobStore
+from service.policy import SourcePolicy
+from service.queue import JobQueue
+from service.settings import Settings, get_settings
+from service.storage import store_from_settings
+from service.sweeper import Sweeper
+from service.text import unsafe_message
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _allowed_methods(request: Request) -> str:
 def error_response(error: ServiceError) -> JSONResponse:
     """A typed error in the one error body, for the answers given before the routes (the
     middleware below, the HTTP server in api/server.py)."""
-    return _error(error.status, error.code, error.message, error.headers)
+    return _error(http_status(error), error.code, error.message, http_headers(error))
 
 
 STREAMED_BODIES = re.compile(r"^/v1/uploads/[^/]+/files/")
@@ -186,7 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """The sweeper runs beside the routes for the life of the server (api/sweeper.py), and
+        """The sweeper runs beside the routes for the life of the server (service/sweeper.py), and
         the event hub's reader on the server's event loop (api/event_stream.py). The hub is
         made here, not with the app, so that it uses the store the app has when it starts."""
         stopped = threading.Event()
@@ -224,18 +224,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.headers)
+        return _error(http_status(exc), exc.code, exc.message, http_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         error = request_validation_error(exc.errors())
-        return _error(error.status, error.code, error.message)
+        return _error(http_status(error), error.code, error.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # Starlette could not parse the body before validation
             error = MalformedJson("the body could not be parsed as JSON (not UTF-8, nested too deeply, or a number too large)")
-            return _error(error.status, error.code, error.message, exc.headers)
+            return _error(http_status(error), error.code, error.message, exc.headers)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 405:

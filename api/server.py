@@ -26,8 +26,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.errors import Overloaded, RequestTimeout
 from api.main import create_app, error_response
-from api.settings import Settings
-from api.text import escape_unsafe
+from service.settings import Settings
+from service.text import escape_unsafe
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.auth import hash_key, new_key  # noqa: E402
-from api.redis_server import free_port, start_redis_server  # noqa: E402
+from service.tenants import hash_key, new_key  # noqa: E402
+from service.redis_server import free_port, start_redis_server  # noqa: E402
 
 NO_ANSWER = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError)
 """What ``Connection.get`` under ``asyncio.wait_for`` raises when a request got no usable answer."""

@@ -72,7 +72,7 @@ class Workers:
 
 
 def run_job(store, queue, request, timeout: float) -> tuple[str, float]:
-    from api.schemas import JobState
+    from service.models import JobState
 
     started = time.perf_counter()
     job = store.create(request)
@@ -109,10 +109,10 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    from api.jobstore import JobStore
-    from api.queue import JobQueue
-    from api.redis_server import start_redis_server
-    from api.schemas import JobCreate
+    from service.jobstore import JobStore
+    from service.queue import JobQueue
+    from service.redis_server import start_redis_server
+    from service.models import JobCreate
 
     work = Path(tempfile.mkdtemp(prefix="loftq-scale-out-", dir=args.workdir))
     print(f"workdir {work}", file=sys.stderr)

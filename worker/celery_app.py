@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from api.settings import get_settings
-
-from api.queue import MERGE_JOB, RUN_JOB, RUN_PART  # noqa: F401 - the task names (the API sends RUN_JOB)
+from service.queue import MERGE_JOB, RUN_JOB, RUN_PART  # noqa: F401 - the task names (the API sends RUN_JOB)
+from service.settings import get_settings
 
 settings = get_settings()
 visibility_timeout = settings.visibility_timeout_seconds or settings.job_timeout_seconds + 600
@@ -28,7 +27,7 @@ celery_app.conf.update(
     worker_max_tasks_per_child=1,
     # Redelivery of an unacknowledged job waits for the visibility timeout: keep it above the
     # longest job, or a healthy long job would be delivered twice (the lease stops that too).
-    # Dead workers' jobs come back sooner through the API's sweeper (api/sweeper.py).
+    # Dead workers' jobs come back sooner through the API's sweeper (service/sweeper.py).
     broker_transport_options={
         "visibility_timeout": visibility_timeout,
         # kombu scans for messages past it every interval × throttle seconds (100 s by default).

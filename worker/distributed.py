@@ -21,10 +21,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from api.jobstore import JobStore
-from api.queue import MERGE_JOB, RUN_PART
-from api.schemas import Job, JobState
-from api.storage import ObjectStore, store_from_settings
+from service.jobstore import JobStore
+from service.models import Job, JobState
+from service.queue import MERGE_JOB, RUN_PART
+from service.storage import ObjectStore, store_from_settings
 from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event, store_outage_tolerated
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
     message is harmless (part lease, journal), and when every part is done already, the merge
     is sent again (the worker that finished the last one may have died before sending it)."""
     from loftq.converter import plan
-
     from worker.sources import open_source
 
     store, enqueue = runner.store, _enqueue(runner)
@@ -137,13 +136,12 @@ class PartRunner:
         """The last part merges in its own process, where the engine is imported already
         (a MERGE_JOB message would start another child and import it again: seconds per job).
         When the job's lease is held elsewhere (a redelivered merge), the message is sent; if
-        that holder dies instead of merging, the API's sweeper sends it again (api/sweeper.py)."""
+        that holder dies instead of merging, the API's sweeper sends it again (service/sweeper.py)."""
         if not self.runner.run(job_id, merge=True):
             _enqueue(self.runner)(MERGE_JOB, job_id)
 
     def _convert(self, job: Job, shards: list[str], scratch: Path, artifacts: ObjectStore, keeper: LeaseKeeper) -> None:
         from loftq.converter import convert_part
-
         from worker.sources import ObjectStoreDestination, open_source
 
         apply_torch_threads(self.settings)

@@ -31,8 +31,8 @@ import resource
 import sys
 from pathlib import Path
 
-from api.schemas import ErrorInfo
-from api.settings import Settings
+from service.models import ErrorInfo
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import redis
 from pydantic import ValidationError
 
-from api.errors import InvalidTransition, ServiceError, request_validation_error
-from api.jobstore import MERGE, JobStore, NotLeaseHolder
-from api.schemas import (
+from service.errors import InvalidTransition, ServiceError, request_validation_error
+from service.jobstore import MERGE, JobStore, NotLeaseHolder
+from service.models import (
     CalibrationSummary,
     ErrorInfo,
     EvaluationSummary,
@@ -41,8 +41,8 @@ from api.schemas import (
     Progress,
     RefinementSummary,
 )
-from api.settings import Settings
-from api.storage import ObjectStore, store_from_settings
+from service.settings import Settings
+from service.storage import ObjectStore, store_from_settings
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,8 @@ class JobRunner:
         """End the job with the error code of ``exc`` (a cancellation ends it cancelled);
         running out of memory or disk is recognised through wrappers (worker/limits.py)."""
         from celery.exceptions import SoftTimeLimitExceeded
-        from loftq.errors import Cancelled, LoftQError
 
+        from loftq.errors import Cancelled, LoftQError
         from worker.limits import exhausted_resource
 
         if isinstance(exc, Cancelled):

@@ -12,7 +12,7 @@ before the conversion starts: file:// in place, S3 objects into the scratch dire
 more than ``settings.calibration_max_bytes``.
 
 Every URI is checked again here, before anything is read, by the policy the API applied at
-submission (``api.policy.SourcePolicy``): the job's tenant reads only what it may, with its
+submission (``service.policy.SourcePolicy``): the job's tenant reads only what it may, with its
 own Hub token or none, and each local file is checked as it is met.
 """
 
@@ -32,13 +32,10 @@ from typing import Any
 
 from loftq.errors import LoftQError, SourceNotFound, UnsafePath
 from loftq.storage import MANIFEST_NAME
-
-from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
-from api.policy import SourcePolicy, upload_prefix
-from api.settings import Settings
-from api.text import unsafe_character
-from api.sources import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match
-from api.storage import (
+from service.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
+from service.policy import SourcePolicy, upload_prefix
+from service.settings import Settings
+from service.storage import (
     ObjectStore,
     S3ObjectStore,
     StorageUnavailable,
@@ -49,13 +46,15 @@ from api.storage import (
     sha256_file,
     store_from_settings,
 )
+from service.text import unsafe_character
+from service.uris import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match
 
 log = logging.getLogger(__name__)
 
 
 
 def open_source(uri: str, settings: Settings, scratch: Path, *, tenant: str) -> Any:
-    """The engine Source for ``uri`` as ``tenant`` may read it (api/policy.py, checked again
+    """The engine Source for ``uri`` as ``tenant`` may read it (service/policy.py, checked again
     here: the job waited in a queue, and the policy may have changed); downloads go to
     ``scratch`` one file at a time.
 

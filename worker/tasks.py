@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from celery.signals import task_prerun
 
-from api.jobstore import JobStore
-from api.settings import get_settings
+from service.jobstore import JobStore
+from service.settings import get_settings
 from worker.celery_app import MERGE_JOB, RUN_JOB, RUN_PART, celery_app
 from worker.distributed import PartRunner
 from worker.limits import apply_memory_limit
 from worker.runner import JobRunner
-
 
 _settings = get_settings()
 # The soft limit raises inside the work (the job fails with code "timeout"). A child that cannot
@@ -46,7 +45,7 @@ def _runner(task) -> JobRunner:
 def run_job(self, job_id: str) -> None:
     # False: leased elsewhere. Either a live worker runs it (this is a duplicate delivery,
     # e.g. after the broker's visibility timeout) or a dead one held it, and then the API's
-    # sweeper sends it again once the lease has expired (api/sweeper.py). Dropped either way.
+    # sweeper sends it again once the lease has expired (service/sweeper.py). Dropped either way.
     _runner(self).run(job_id)
 
 

@@ -15,7 +15,7 @@ therefore its child. Every second (a third of the lease TTL if shorter) it:
   SIGKILLed. Once it is gone the watchdog records what that calls for: a timeout fails the
   job ``timeout`` (fenced with the lease); the lease is released (unless lost) so a cancelled
   job is finished, its artifacts deleted, by the killed task's redelivery (Celery sends it
-  again at once when a pool child dies) or by the sweeper (api/sweeper.py);
+  again at once when a pool child dies) or by the sweeper (service/sweeper.py);
 * is killed by the job process when the task is over (which then releases the lease itself),
   and exits when the job process dies (then nobody renews, and the lease lapses as for any
   dead worker): its stdin, a pipe from the job process, reaches end-of-file.
@@ -40,9 +40,9 @@ import time
 
 import redis
 
-from api.errors import InvalidTransition, JobNotFound
-from api.jobstore import JobStore, NotLeaseHolder
-from api.schemas import ErrorInfo, JobState
+from service.errors import InvalidTransition, JobNotFound
+from service.jobstore import JobStore, NotLeaseHolder
+from service.models import ErrorInfo, JobState
 
 log = logging.getLogger("worker.watchdog")
 

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import ArtifactsDep, SettingsDep, StoreDep, TenantDep
-from api.errors import ArtifactNotFound, JobNotFinished
 from api.routes.jobs import JOB_ERRORS
-from api.schemas import Artifact, ArtifactList, Job, JobState, error_responses
-from api.storage import ObjectStore, StorageUnavailable
+from api.schemas import error_responses
+from service.errors import ArtifactNotFound, JobNotFinished
+from service.models import Artifact, ArtifactList, Job, JobState
+from service.storage import ObjectStore, StorageUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 MANIFEST = "manifest.json"

@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from api.deps import ArtifactsDep, QueueDep, StoreDep
-from api.errors import Unavailable
 from api.schemas import Readiness, error_responses
+from service.errors import Unavailable
 
 router = APIRouter(tags=["health"])
 

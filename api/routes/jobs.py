@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.auth import DEFAULT_TENANT, tenant_prefix
-from api.deps import PolicyDep, EventHubDep, QueueDep, SettingsDep, StoreDep, TenantDep
-from api.errors import (
+from api.deps import EventHubDep, PolicyDep, QueueDep, SettingsDep, StoreDep, TenantDep
+from api.event_stream import EventStreamResponse
+from api.schemas import error_responses
+from service.errors import (
     IdempotencyKeyReused,
     InvalidCalibrationSource,
     InvalidRequest,
@@ -21,14 +22,14 @@ from api.errors import (
     Unauthorized,
     Unavailable,
 )
-from api.event_stream import EventStreamResponse
-from api.jobstore import JobStore
-from api.policy import SourceNotAllowed
-from api.schemas import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState, error_responses
-from api.settings import Settings
-from api.sources import check_job_inputs
-from api.uploads import UploadIncomplete, UploadStore, require_complete
-from api.text import unsafe_message
+from service.jobstore import JobStore
+from service.models import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState
+from service.policy import SourceNotAllowed
+from service.settings import Settings
+from service.tenants import DEFAULT_TENANT, tenant_prefix
+from service.text import unsafe_message
+from service.uploads import UploadIncomplete, UploadStore, require_complete
+from service.uris import check_job_inputs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
@@ -93,7 +94,7 @@ def create_job(
 ) -> Job:
     """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
     options that need calibration data without it are 422 here, not a failed job later,
-    and so is a source or calibration text the tenant may not read (api/policy.py)."""
+    and so is a source or calibration text the tenant may not read (service/policy.py)."""
     check_job_inputs(body, settings)
     policy.check_inputs(body, tenant)
     uploads = UploadStore(store.client, store.prefix)

@@ -1,15 +1,23 @@
-"""/v1/uploads: bring a model or calibration text into the caller's own area (api/uploads.py)."""
+"""/v1/uploads: bring a model or calibration text into the caller's own area (service/uploads.py)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 
 from api.deps import ArtifactsDep, SettingsDep, StoreDep, TenantDep
-from api.errors import InvalidRequest, MalformedJson, ModelTooLarge, RequestTooLarge, TooManyRequests, Unauthorized, Unavailable
 from api.routes.jobs import check_submission_rate
 from api.schemas import error_responses
-from api.storage import LocalObjectStore, StorageUnavailable
-from api.uploads import (
+from service.errors import (
+    InvalidRequest,
+    MalformedJson,
+    ModelTooLarge,
+    RequestTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from service.storage import LocalObjectStore, StorageUnavailable
+from service.uploads import (
     Upload,
     UploadConflict,
     UploadCreate,

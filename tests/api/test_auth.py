@@ -10,19 +10,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import api_app
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from conftest import api_app
-from api.auth import hash_key
 from api.embedded import app as serve_app
 from api.embedded import auth_line, bind_refusal
-from api.jobstore import JobStore
 from api.main import create_app
-from api.schemas import JobState
-from api.settings import Settings
 from loftq_client import ApiError, LoftQClient
+from service.jobstore import JobStore
+from service.models import JobState
+from service.settings import Settings
+from service.tenants import hash_key
 
 KEY_A, KEY_B = "key-of-tenant-a", "key-of-tenant-b"
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}

@@ -7,14 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import api_app
 from fastapi.testclient import TestClient
 
-from conftest import api_app
-from api.errors import InvalidCalibrationSource, InvalidRequest
-from api.schemas import Job, JobCreate, JobSummary, Progress
-from api.settings import Settings
-from api.sources import CalibrationLocation, check_job_inputs, needs_calibration_data, parse_calibration_uri
+from api.errors import http_status
 from loftq.options import RefineOptions
+from service.errors import InvalidCalibrationSource, InvalidRequest
+from service.models import Job, JobCreate, JobSummary, Progress
+from service.settings import Settings
+from service.uris import CalibrationLocation, check_job_inputs, needs_calibration_data, parse_calibration_uri
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_parse_accepts_objects_prefixes_and_files(roots: Settings, tmp_path: Pat
 def test_parse_refuses(roots: Settings, uri: str, reason: str) -> None:
     with pytest.raises(InvalidCalibrationSource, match=reason) as info:
         parse_calibration_uri(uri, roots)
-    assert info.value.status == 422 and info.value.code == "invalid_calibration_data"
+    assert http_status(info.value) == 422 and info.value.code == "invalid_calibration_data"
     assert info.value.message.startswith("calibration_data: ")
 
 
@@ -101,7 +102,7 @@ def test_which_options_need_calibration_data(roots: Settings, options: dict, nee
     if needed:
         with pytest.raises(InvalidRequest, match="^calibration_data: required: .*add calibration_data") as info:
             check_job_inputs(request, roots)
-        assert info.value.status == 422 and info.value.code == "invalid_request"
+        assert http_status(info.value) == 422 and info.value.code == "invalid_request"
         check_job_inputs(request.model_copy(update={"calibration_data": "s3://datasets/calib.txt"}), roots)
     else:
         check_job_inputs(request, roots)

@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
-from api.errors import TooManyRequests
 from api.event_stream import EventHub, StreamSlots
-from api.jobstore import JobStore
-from api.schemas import JobCreate
+from service.errors import TooManyRequests
+from service.jobstore import JobStore
+from service.models import JobCreate
 
 DB = 12
 

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import api_app
 from fastapi.testclient import TestClient
 
-from conftest import api_app
-from api.errors import InvalidRequest, MalformedJson, request_validation_error
+from api.errors import http_status
+from service.errors import InvalidRequest, MalformedJson, request_validation_error
 
 SOURCE = "s3://models/llama/"
 
@@ -44,13 +45,13 @@ def test_validation_problems_map_to_malformed_json_or_invalid_request() -> None:
     broken = request_validation_error(
         [{"type": "json_invalid", "loc": ("body", 22), "msg": "JSON decode error", "ctx": {"error": "Expecting ',' delimiter"}}]
     )
-    assert isinstance(broken, MalformedJson) and (broken.status, broken.code) == (400, "malformed_json")
+    assert isinstance(broken, MalformedJson) and (http_status(broken), broken.code) == (400, "malformed_json")
     assert broken.message == "the body is not valid JSON: Expecting ',' delimiter (at character 22)"
     fields = request_validation_error(
         [{"type": "greater_than_equal", "loc": ("body", "options", "rank"), "msg": "Input should be greater than or equal to 1"},
          {"type": "missing", "loc": ("body", "source"), "msg": "Field required"}]
     )
-    assert isinstance(fields, InvalidRequest) and (fields.status, fields.code) == (422, "invalid_request")
+    assert isinstance(fields, InvalidRequest) and (http_status(fields), fields.code) == (422, "invalid_request")
     assert fields.message == "body.options.rank: Input should be greater than or equal to 1; body.source: Field required"
 
 

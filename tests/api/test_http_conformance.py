@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import api_app
+from fastapi.testclient import TestClient
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 MAX = 2**64 - 1

@@ -7,12 +7,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import api_app
 from fastapi.testclient import TestClient
 
-from conftest import api_app
-from api.errors import IdempotencyKeyReused
-from api.jobstore import JobStore
-from api.schemas import JobCreate
+from service.errors import IdempotencyKeyReused
+from service.jobstore import JobStore
+from service.models import JobCreate
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 

@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
-from api.errors import InvalidRequest, InvalidTransition, JobNotFound
-from api.jobstore import JobStore
-from api.schemas import TRANSITIONS, ErrorInfo, JobCreate, JobState, JobSummary, Progress
-from api.settings import Settings
+from service.errors import InvalidRequest, InvalidTransition, JobNotFound
+from service.jobstore import JobStore
+from service.models import TRANSITIONS, ErrorInfo, JobCreate, JobState, JobSummary, Progress
+from service.settings import Settings
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import api_app
 from fastapi.testclient import TestClient
 
-from conftest import api_app
-from api.settings import Settings
+from service.settings import Settings
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 

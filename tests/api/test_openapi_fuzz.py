@@ -26,13 +26,13 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
+from conftest import stop_processes  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
-from api.auth import hash_key  # noqa: E402
-from api.jobstore import JobStore  # noqa: E402
-from api.schemas import JobState, JobSummary  # noqa: E402
-from conftest import stop_processes  # noqa: E402
+from service.jobstore import JobStore  # noqa: E402
+from service.models import JobState, JobSummary  # noqa: E402
+from service.tenants import hash_key  # noqa: E402
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "loftq-hypothesis"))
@@ -102,7 +102,7 @@ def _document() -> dict:
     parametrizes at collection time); ``test_the_served_document_is_the_fuzzed_one`` checks it
     is what ``/openapi.json`` returns."""
     from api.main import create_app
-    from api.settings import Settings
+    from service.settings import Settings
 
     root = Path(tempfile.gettempdir()) / "loftq-openapi-fuzz"
     settings = Settings(redis_url="redis://127.0.0.1:1/0", local_storage_root=root, api_keys=f"{TENANT}:{hash_key(KEY)}")

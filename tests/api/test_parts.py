@@ -9,9 +9,9 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from api.errors import JobNotFound
-from api.jobstore import MERGE, JobStore
-from api.schemas import JobCreate, JobState, Progress
+from service.errors import JobNotFound
+from service.jobstore import MERGE, JobStore
+from service.models import JobCreate, JobState, Progress
 
 PARTS = [["model-00001-of-00005.safetensors"], ["model-00002-of-00005.safetensors", "model-00003-of-00005.safetensors"],
          ["model-00004-of-00005.safetensors"], ["model-00005-of-00005.safetensors"]]

@@ -1,4 +1,4 @@
-"""The source policy (api/policy.py): grants, the service's own data, defaults. Unit tests of
+"""The source policy (service/policy.py): grants, the service's own data, defaults. Unit tests of
 the rules; tests/service/test_tenant_data.py runs the attacks against the real service."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from api.auth import hash_key
-from api.errors import InvalidSource
-from api.policy import Grant, SourceNotAllowed, SourcePolicy, parse_grant
-from api.settings import Settings
+from service.errors import InvalidSource
+from service.policy import Grant, SourceNotAllowed, SourcePolicy, parse_grant
+from service.settings import Settings
+from service.tenants import hash_key
 
 KEYS = f"team-a:{hash_key('a')},team-b:{hash_key('b')}"
 

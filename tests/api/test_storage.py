@@ -1,4 +1,4 @@
-"""api.storage: the local and S3 artifact stores behave alike (S3 against moto's real HTTP
+"""service.storage: the local and S3 artifact stores behave alike (S3 against moto's real HTTP
 server on loopback), keys cannot escape, S3 uploads are multipart above the threshold and
 carry their sha256, presigned URLs serve the bytes."""
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
-from api.storage import (
+from loftq.errors import LoftQError
+from service.settings import Settings
+from service.storage import (
     LocalObjectStore,
     S3ObjectStore,
     StoredObject,
@@ -21,7 +22,6 @@ from api.storage import (
     safe_key,
     store_from_settings,
 )
-from loftq.errors import LoftQError
 
 
 def _bucket() -> str:
@@ -229,6 +229,6 @@ def test_no_torch_import() -> None:
     import subprocess
     import sys
 
-    code = "import sys, api.storage, worker.sources; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, service.storage, worker.sources; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

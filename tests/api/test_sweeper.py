@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from api.jobstore import MERGE, JobStore
-from api.queue import MERGE_JOB, RUN_JOB, RUN_PART
-from api.schemas import JobCreate, JobState
-from api.settings import Settings
-from api.storage import store_from_settings
-from api.sweeper import Sweeper
+from service.jobstore import MERGE, JobStore
+from service.models import JobCreate, JobState
+from service.queue import MERGE_JOB, RUN_JOB, RUN_PART
+from service.settings import Settings
+from service.storage import store_from_settings
+from service.sweeper import Sweeper
 
 
 class Sent(list):

@@ -1,4 +1,4 @@
-"""Which characters a URI or a name may not hold (api/text.py), and the tenant names of
+"""Which characters a URI or a name may not hold (service/text.py), and the tenant names of
 LOFTQ_API_KEYS, which are checked with it when the settings load."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from api.auth import TENANT_PATTERN, hash_key
-from api.settings import Settings
-from api.text import escape_unsafe, unsafe_character
+from service.settings import Settings
+from service.tenants import TENANT_PATTERN, hash_key
+from service.text import escape_unsafe, unsafe_character
 
 REFUSED = {
     "\u202a": "U+202A LEFT-TO-RIGHT EMBEDDING",

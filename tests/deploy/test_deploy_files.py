@@ -1,7 +1,7 @@
 """Static checks of the deployment files (docker-compose.yml, deploy/): no Docker engine or cluster
 is needed. Every YAML parses; the Compose file and the manifests have the shape the service
 needs (GPU reservations, Redis persistence, probes, KEDA on the Celery queue); every ``LOFTQ_*``
-variable they name is a field of ``api.settings.Settings`` and their values validate; every
+variable they name is a field of ``service.settings.Settings`` and their values validate; every
 command, console script and ``module:attr`` path the containers run exists; every path the
 Dockerfiles copy is in the repository and in their build context."""
 
@@ -122,7 +122,7 @@ def _pyproject() -> dict:
 @lru_cache
 def _settings_env_names() -> dict[str, str]:
     """Environment variable -> Settings field, read from the model (never hard-coded)."""
-    from api.settings import Settings
+    from service.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
     names = {}
@@ -431,7 +431,7 @@ def test_deployment_names_settings_variables() -> None:
 @pytest.mark.parametrize("name", _collect(_named_loftq_variables))
 def test_loftq_variable_is_a_settings_field(name: str) -> None:
     names = _settings_env_names()
-    assert name in names, f"{name} (named in the deployment files) is no field of api.settings.Settings; fields: {sorted(names)}"
+    assert name in names, f"{name} (named in the deployment files) is no field of service.settings.Settings; fields: {sorted(names)}"
 
 
 def _resolve_interpolation(value: str) -> str:
@@ -456,7 +456,7 @@ def _env_sets() -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("where", ["compose api", "compose worker", "k8s api", "k8s worker", *(p.name for p in DOCKERFILES)])
 def test_settings_values_validate(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.settings import Settings
+    from service.settings import Settings
 
     env = {k: v for k, v in _env_sets()[where].items() if k.startswith(PREFIX)}
     for name in [n for n in os.environ if n.upper().startswith(PREFIX)]:
@@ -767,8 +767,8 @@ def test_k8s_env_sources_exist() -> None:
 
 
 def test_k8s_api_keys_reach_the_api_only_and_the_placeholder_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.auth import hash_key
-    from api.settings import Settings
+    from service.settings import Settings
+    from service.tenants import hash_key
 
     keys = _one("Secret", "loftq-api-keys")["stringData"]["LOFTQ_API_KEYS"]
     monkeypatch.setenv("LOFTQ_API_KEYS", keys)
@@ -824,7 +824,7 @@ def test_k8s_worker_requests_one_gpu() -> None:
 
 def test_k8s_worker_grace_outlasts_a_job() -> None:
     """Scale-in sends SIGTERM; Celery's warm shutdown finishes the running job within the grace."""
-    from api.settings import Settings
+    from service.settings import Settings
 
     configmap = _one("ConfigMap")["data"]
     timeout = int(configmap.get("LOFTQ_JOB_TIMEOUT_SECONDS", Settings.model_fields["job_timeout_seconds"].default))
@@ -844,7 +844,7 @@ def test_k8s_redis_is_persistent() -> None:
 def test_queue_name_is_the_same_everywhere() -> None:
     """The worker's -Q, LOFTQ_QUEUE (Compose, ConfigMap, else the Settings default) and the list
     KEDA watches must all name the same Celery queue."""
-    from api.settings import Settings
+    from service.settings import Settings
 
     default = Settings.model_fields["queue"].default
     cmd = _cmd(WORKER_DOCKERFILE)

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.redis_server import free_port
+from service.redis_server import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

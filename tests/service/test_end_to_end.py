@@ -15,9 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
-
 
 BUCKET = "artifacts"
 MODELS = "models"

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
-from api.auth import hash_key
-from api.event_stream import POOL_CONNECTIONS
-from api.jobstore import JobStore
 from conftest import s3_client, service_env, stop_processes
+
+from api.event_stream import POOL_CONNECTIONS
+from service.jobstore import JobStore
+from service.tenants import hash_key
 
 DB = 11
 BUCKET = "streams-artifacts"

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import output_keys, s3_client, service_env, start_worker, stop_processes, submit_job, upload_models, wait_for_job
 
 DB = 14

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from api.jobstore import JobStore
 from conftest import s3_client, service_env, start_worker, stop_processes
+
+from service.jobstore import JobStore
 
 BUCKET = "scale-artifacts"
 MODELS = "scale-models"

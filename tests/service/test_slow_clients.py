@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from conftest import stop_processes
 
 DB = 13

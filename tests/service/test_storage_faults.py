@@ -27,8 +27,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ResponseSt
 from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
 from s3_fault_proxy import FaultProxy
 
-from api.settings import Settings
-from api.storage import S3ObjectStore, StorageUnavailable, s3_store, storage_unavailable
+from service.settings import Settings
+from service.storage import S3ObjectStore, StorageUnavailable, s3_store, storage_unavailable
 from worker.sources import MANIFEST_NAME, ObjectStoreDestination
 
 BUCKET = "faults-artifacts"
@@ -180,7 +180,7 @@ def test_a_persistent_upload_failure_is_storage_unavailable_after_every_attempt(
 
 
 def test_unreachable_storage_is_storage_unavailable(aws_env: None, tmp_path: Path) -> None:
-    from api.redis_server import free_port
+    from service.redis_server import free_port
 
     store = S3ObjectStore("faults-nowhere", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=3)
     with pytest.raises(StorageUnavailable, match="download of s3://faults-nowhere/k failed after 3 attempts"):

@@ -21,9 +21,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import (
-    FINISHED, output_keys, pool_children, s3_client, service_env, start_worker, stop_processes, submit_job, upload_models,
+    FINISHED,
+    output_keys,
+    pool_children,
+    s3_client,
+    service_env,
+    start_worker,
+    stop_processes,
+    submit_job,
+    upload_models,
     wait_for_job,
 )
 

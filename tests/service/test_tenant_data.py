@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from api.auth import hash_key, tenant_prefix
-from api.jobstore import JobStore
-from api.queue import JobQueue
-from api.schemas import JobCreate
 from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
+
 from loftq_client import ApiError, LoftQClient
+from service.jobstore import JobStore
+from service.models import JobCreate
+from service.queue import JobQueue
+from service.tenants import hash_key, tenant_prefix
 
 BUCKET = "tenant-data-artifacts"
 QUEUE = "loftq-tenant-data"

@@ -21,12 +21,20 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from api.schemas import ErrorInfo
 from conftest import (
-    FINISHED, output_keys, pool_children, s3_client, service_env, start_worker, stop_processes, submit_job, upload_models,
+    FINISHED,
+    output_keys,
+    pool_children,
+    s3_client,
+    service_env,
+    start_worker,
+    stop_processes,
+    submit_job,
+    upload_models,
     wait_for_job,
 )
+
+from service.models import ErrorInfo
 from worker.limits import exhausted_resource
 
 BUCKET = "faults-artifacts"
@@ -44,7 +52,7 @@ def stack(
     redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, minilm: Path, start_api, wait_until
 ) -> Iterator[dict]:
     """API + one worker with S3 storage and a memory limit per job; MiniLM and tiny-bert in S3.
-    A short lease (5 s), a short sweep interval (api/sweeper.py) and one delivery per job
+    A short lease (5 s), a short sweep interval (service/sweeper.py) and one delivery per job
     (LOFTQ_MAX_ATTEMPTS=1): a job whose pool child died ends ``worker_lost`` within seconds."""
     work = tmp_path_factory.mktemp("worker-faults")
     files_root = work / "files"

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 import torch
+from conftest import _llama, s3_client, service_env, start_worker, stop_processes
 
-from api.redis_server import start_redis_server
-from conftest import s3_client, _llama, service_env, start_worker, stop_processes
+from service.redis_server import start_redis_server
 
 BUCKET = "recovery"
 TIMED = {"loftq_report.json", "loftq_layers.png", "manifest.json"}  # these hold timings

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from api.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource
-from api.jobstore import JobStore
-from api.schemas import JobCreate, JobState
-from api.settings import Settings
-from api.storage import S3ObjectStore
 from loftq.errors import InvalidCalibrationData, UnsupportedArchitecture
 from loftq.report import Calibration, Evaluation, LayerReport, ProgressEvent, Report, summarize
+from service.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource
+from service.jobstore import JobStore
+from service.models import JobCreate, JobState
+from service.settings import Settings
+from service.storage import S3ObjectStore
 from worker.runner import JobRunner
 from worker.sources import fetch_calibration_data
 

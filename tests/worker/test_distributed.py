@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from api.jobstore import JobStore
-from api.queue import MERGE_JOB, RUN_PART
-from api.schemas import JobCreate, JobState
-from api.settings import Settings
+from service.jobstore import JobStore
+from service.models import JobCreate, JobState
+from service.queue import MERGE_JOB, RUN_PART
+from service.settings import Settings
 from worker.distributed import PartRunner, plan_parts
 from worker.runner import JobRunner
 

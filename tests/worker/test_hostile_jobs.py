@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from api.jobstore import JobStore
-from api.schemas import JobCreate, JobState
-from api.settings import Settings
 from loftq.errors import UnsafePath
+from service.jobstore import JobStore
+from service.models import JobCreate, JobState
+from service.settings import Settings
 from worker.runner import JobRunner
 from worker.sources import HubSource, S3Source
 

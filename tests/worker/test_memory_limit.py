@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
+from service.settings import Settings
 from worker.limits import DEFAULT_SHARE, cgroup_limits
 
 GIB = 1 << 30
@@ -24,7 +24,7 @@ GIB = 1 << 30
 _CHILD = """
 import json, resource, torch
 import loftq.converter
-from api.settings import Settings
+from service.settings import Settings
 from worker.limits import address_space_bytes, apply_memory_limit, default_allowance, exhausted_resource
 before = address_space_bytes()
 limit = apply_memory_limit(Settings())

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from api.jobstore import JobStore
-from api.schemas import JobCreate
 from loftq.report import BlockRefinement, LayerReport, ModelRefinement, Refinement, Report, summarize
+from service.jobstore import JobStore
+from service.models import JobCreate
 from worker.runner import LeaseKeeper, job_summary
 
 
@@ -47,7 +47,7 @@ def test_keeper_reports_a_lease_taken_by_another_worker(store: JobStore) -> None
 
 
 def test_scratch_without_a_held_lease_is_removed_by_any_later_task(store: JobStore, tmp_path) -> None:
-    from api.settings import Settings
+    from service.settings import Settings
     from worker.runner import JobRunner
 
     runner = JobRunner(store, Settings(redis_url="redis://unused", work_dir=tmp_path))
@@ -74,8 +74,8 @@ def test_scratch_without_a_held_lease_is_removed_by_any_later_task(store: JobSto
 def test_a_failure_after_the_lease_was_lost_records_no_end(store: JobStore, tmp_path, lease_lost: bool) -> None:
     """The worker that owns the job now records its end; a failure of the one that lost it
     (its scratch removed underneath it, say) must not end the job as failed."""
-    from api.schemas import JobState
-    from api.settings import Settings
+    from service.models import JobState
+    from service.settings import Settings
     from worker.runner import JobRunner
 
     settings = Settings(redis_url="redis://unused", work_dir=tmp_path / "work", allowed_file_roots=[tmp_path])

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from api.errors import InvalidSource, ModelTooLarge
-from api.settings import Settings
-from api.storage import LocalObjectStore, S3ObjectStore, StorageUnavailable
+from api.errors import http_status
 from loftq.errors import LoftQError, SourceNotFound
-from api.sources import parse_source_uri
+from service.errors import InvalidSource, ModelTooLarge
+from service.settings import Settings
+from service.storage import LocalObjectStore, S3ObjectStore, StorageUnavailable
+from service.uris import parse_source_uri
 from worker.sources import HubSource, ObjectStoreDestination, S3Source, open_source
 
 
@@ -84,7 +85,7 @@ def test_parse_accepts_supported_uris(roots: Settings, tmp_path: Path) -> None:
 def test_parse_refuses(roots: Settings, uri: str, reason: str) -> None:
     with pytest.raises(InvalidSource, match=reason) as info:
         parse_source_uri(uri, roots)
-    assert info.value.status == 422 and info.value.code == "invalid_source"
+    assert http_status(info.value) == 422 and info.value.code == "invalid_source"
 
 
 def test_parse_file_roots(roots: Settings, tmp_path: Path) -> None:
@@ -232,7 +233,7 @@ def test_hub_source_with_patched_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     scratch = tmp_path / "scratch"
     with pytest.raises(ModelTooLarge, match="1032 bytes, above this service's limit of 1000") as refused:
         open_source("hf://org/model@v1", Settings(max_model_bytes=1000), scratch, tenant="default")
-    assert refused.value.code == "model_too_large" and refused.value.status == 413
+    assert refused.value.code == "model_too_large" and http_status(refused.value) == 413
     calls.clear()
     source = open_source("hf://org/model@v1", Settings(), scratch, tenant="default")
     assert isinstance(source, HubSource)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from api.jobstore import JobStore, NotLeaseHolder
-from api.schemas import ErrorInfo, JobCreate, JobState
-from api.settings import Settings
+from service.jobstore import JobStore, NotLeaseHolder
+from service.models import ErrorInfo, JobCreate, JobState
+from service.settings import Settings
 from worker.runner import JobRunner
 
 TTL = 5  # the shortest lease the settings allow
@@ -30,8 +30,8 @@ GRACE = 2.0
 # A worker's pool child, reduced to its lease: take it, say so, then do what ``work`` says.
 JOB_PROCESS = """
 import json, re, sys, time
-from api.jobstore import JobStore
-from api.settings import Settings
+from service.jobstore import JobStore
+from service.settings import Settings
 from worker.runner import JobRunner
 
 cfg = json.loads(sys.argv[1])

@@ -37,9 +37,8 @@ from datetime import datetime, timezone
 import redis
 
 from loftq.options import STORED
-
-from api.errors import IdempotencyKeyReused, InvalidTransition, JobNotFound
-from api.schemas import (
+from service.errors import IdempotencyKeyReused, InvalidTransition, JobNotFound
+from service.models import (
     TRANSITIONS,
     ErrorInfo,
     Event,

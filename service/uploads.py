@@ -7,7 +7,7 @@ send each: on S3, presigned URLs straight to the bucket (one PUT per file, or on
 on local storage, the API's own ``PUT /v1/uploads/{id}/files/{path}``. ``POST .../complete``
 checks every declared file arrived with its declared size (finishing the multipart uploads)
 and only then may a job read it. The files lie under ``<tenant area>inputs/<id>/``
-(api/policy.py ``upload_prefix``), where only their tenant's jobs read them.
+(service/policy.py ``upload_prefix``), where only their tenant's jobs read them.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import PurePosixPath
-from collections.abc import Callable
 from typing import Annotated, Literal
 
 import redis
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-from api.errors import InvalidCalibrationSource, InvalidSource, ModelTooLarge, ServiceError
-from api.policy import upload_prefix
-from api.settings import Settings
-from api.storage import ObjectStore, S3ObjectStore
+from service.errors import InvalidCalibrationSource, InvalidSource, ModelTooLarge, ServiceError
+from service.policy import upload_prefix
+from service.settings import Settings
+from service.storage import ObjectStore, S3ObjectStore
 
 MAX_FILES = 1000  # with paths of at most 512 characters, the declaration fits the 1 MiB request limit
 MAX_PARTS = 10_000  # S3's limit per multipart upload
@@ -36,7 +36,6 @@ _PATH = rf"^{_SEGMENT}(/{_SEGMENT})*$"
 
 
 class UploadNotFound(ServiceError):
-    status = 404
     code = "upload_not_found"
 
 
@@ -44,7 +43,6 @@ class UploadIncomplete(ServiceError):
     """Files of the upload have not arrived (or with another size); or, for a job, an upload
     that was never completed."""
 
-    status = 409
     code = "upload_incomplete"
 
 
@@ -95,7 +93,6 @@ class UploadCreate(BaseModel):
 class UploadConflict(ServiceError):
     """Declared paths that cannot all be files: one is a folder of another."""
 
-    status = 409
     code = "upload_conflict"
 
 

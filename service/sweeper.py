@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from api.errors import InvalidTransition
-from api.jobstore import MERGE, JobStore
-from api.queue import MERGE_JOB, RUN_JOB, RUN_PART, JobQueue
-from api.schemas import ErrorInfo, Job, JobState
-from api.settings import Settings
-from api.storage import ObjectStore
+from service.errors import InvalidTransition
+from service.jobstore import MERGE, JobStore
+from service.models import ErrorInfo, Job, JobState
+from service.queue import MERGE_JOB, RUN_JOB, RUN_PART, JobQueue
+from service.settings import Settings
+from service.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

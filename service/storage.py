@@ -25,9 +25,8 @@ from typing import Any, BinaryIO, Protocol
 
 from loftq.errors import LoftQError
 from loftq.storage import sha256_file
-
-from api.errors import ServiceError
-from api.settings import Settings
+from service.errors import ServiceError
+from service.settings import Settings
 
 _COPY_CHUNK = 8 << 20
 MULTIPART_THRESHOLD = 64 * 2**20
@@ -47,7 +46,6 @@ class StorageUnavailable(ServiceError):
     retry. A ServiceError, so a job fails with this code and the API answers 503; the message
     names the operation, the object and the attempts made."""
 
-    status = 503
     code = "storage_unavailable"
 
 

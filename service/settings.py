@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api.auth import parse_api_keys
+from service.tenants import parse_api_keys
 
 
 class Settings(BaseSettings):

@@ -29,13 +29,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from api.auth import DEFAULT_TENANT, tenant_prefix
-from api.errors import InvalidSource, ServiceError
-from api.settings import Settings
-from api.sources import HF_PART, CalibrationLocation, parse_calibration_uri, parse_s3, parse_source_uri
+from service.errors import InvalidSource, ServiceError
+from service.settings import Settings
+from service.tenants import DEFAULT_TENANT, tenant_prefix
+from service.uris import HF_PART, CalibrationLocation, parse_calibration_uri, parse_s3, parse_source_uri
 
 if TYPE_CHECKING:
-    from api.schemas import JobCreate
+    from service.models import JobCreate
 
 EVERYTHING = ("s3://", "file://", "hf://")
 """The grants of the tenant ``default`` when LOFTQ_TENANT_SOURCES is unset."""
@@ -47,7 +47,6 @@ class SourceNotAllowed(ServiceError):
     """A source or calibration URI the tenant may not read: 422 at submission, and the code a
     job fails with when the worker's own check refuses it."""
 
-    status = 422
     code = "source_not_allowed"
 
 
@@ -162,7 +161,7 @@ class SourcePolicy:
     # -- whole URIs -----------------------------------------------------------------------------
 
     def check_source(self, uri: str, tenant: str) -> tuple[str, ...]:
-        """``uri`` parsed (api.sources.parse_source_uri) once the tenant may read it."""
+        """``uri`` parsed (service.uris.parse_source_uri) once the tenant may read it."""
         parsed = parse_source_uri(uri, self.settings)
         if parsed[0] == "s3":
             self.check_s3("source", uri, tenant, parsed[1], parsed[2])
@@ -173,7 +172,7 @@ class SourcePolicy:
         return parsed  # an upload is looked up in the tenant's own area: nobody else's to name
 
     def check_calibration(self, uri: str, tenant: str) -> CalibrationLocation:
-        """``calibration_data`` parsed (api.sources.parse_calibration_uri) once the tenant may read it."""
+        """``calibration_data`` parsed (service.uris.parse_calibration_uri) once the tenant may read it."""
         location = parse_calibration_uri(uri, self.settings)
         if location.scheme == "s3":
             self.check_s3("calibration_data", uri, tenant, location.bucket, location.key)

@@ -2,7 +2,7 @@
 allowed roots, hf://org/name[@revision], upload://<id>) and the calibration text (file://,
 s3://bucket/key, s3://bucket/prefix/, upload://<id>/path). Torch-free, so the API refuses a
 bad request before queueing and the worker re-checks with the very same rules before it
-reads anything. What a tenant may read of what these name is api/policy.py's to decide."""
+reads anything. What a tenant may read of what these name is service/policy.py's to decide."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
-from api.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
-from api.settings import Settings
-from api.text import unsafe_character
 from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
+from service.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
+from service.settings import Settings
+from service.text import unsafe_character
 
 if TYPE_CHECKING:
-    from api.schemas import JobCreate
+    from service.models import JobCreate
 
 SCHEMES = ("s3", "file", "hf", "upload")
 CALIBRATION_SUFFIXES = (".txt", ".jsonl")
