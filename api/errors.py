@@ -28,6 +28,7 @@ from service.errors import (
 from service.policy import SourceNotAllowed
 from service.storage import StorageUnavailable
 from service.uploads import UploadConflict, UploadIncomplete, UploadNotFound
+from service.webhooks import WebhookNotAllowed
 
 
 class RequestTimeout(ServiceError):
@@ -65,6 +66,7 @@ STATUS: dict[type[ServiceError], int] = {
     InvalidRequest: 422,
     InvalidCalibrationSource: 422,
     SourceNotAllowed: 422,
+    WebhookNotAllowed: 422,
     TooManyRequests: 429,
     Unavailable: 503,
     StorageUnavailable: 503,

@@ -44,8 +44,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.errors import JobNotFound, TooManyRequests
-from service.jobstore import JobStore
 from service.models import Event, Job, JobState
+from service.store import JobStore
 
 log = logging.getLogger(__name__)
 

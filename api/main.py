@@ -28,11 +28,11 @@ from service.errors import (
     ServiceError,
     request_validation_error,
 )
-from service.jobstore import JobStore
 from service.policy import SourcePolicy
 from service.queue import JobQueue
 from service.settings import Settings, get_settings
 from service.storage import store_from_settings
+from service.store import JobStore
 from service.sweeper import Sweeper
 from service.text import unsafe_message
 
@@ -218,7 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "serve it only where nobody else can reach it"
         )
     app.state.store = JobStore.from_url(settings.redis_url, retention_seconds=settings.job_retention_seconds)
-    app.state.queue = JobQueue(settings.redis_url, settings.queue)
+    app.state.queue = JobQueue.from_settings(settings)
     app.state.artifacts = store_from_settings(settings)
     app.state.policy = SourcePolicy(settings)  # parses LOFTQ_TENANT_SOURCES: a bad entry stops the start
 

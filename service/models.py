@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from loftq.options import ConvertOptions, stored
 from service.text import escape_unsafe, unsafe_message
+
+WEBHOOK_EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
+"""What a webhook can be told, in the order a job goes through them."""
+DEFAULT_WEBHOOK_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled")
+"""A webhook without a filter hears of every change of state, not of progress."""
+WebhookEvent = Literal["job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled"]
 
 
 class JobState(str, enum.Enum):
@@ -79,6 +85,23 @@ class JobCreate(BaseModel):
     shards_per_part: int = Field(
         1, ge=1, le=1024, description="With distributed: consecutive weight shards converted by one part task."
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "Where to POST the job's events (http:// or https://), signed as Standard Webhooks specifies "
+            "(webhook-id, webhook-timestamp, webhook-signature: HMAC-SHA256 with the secret returned once, in "
+            "webhook_secret of this request's response). Private, loopback and link-local addresses are refused "
+            "unless the operator allows them (LOFTQ_WEBHOOK_ALLOWED_NETWORKS)."
+        ),
+        examples=["https://hooks.example.com/loftq"],
+    )
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="Which events to send (default: every change of state; job.progress only when listed, throttled).",
+    )
 
     @field_validator("output", mode="before")
     @classmethod
@@ -115,6 +138,22 @@ class JobCreate(BaseModel):
         if options is not None and options.calibration.evaluate:
             raise ValueError("a distributed job cannot use options.calibration.evaluate")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The URL's form; whether its address may be reached is decided at submission and again
+        before every delivery (service/webhooks.py), against the operator's allowed networks."""
+        if value is None or stored(info):
+            return value
+        from service.webhooks import check_webhook_url
+
+        return check_webhook_url(value)
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _events_filter(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(set(value), key=WEBHOOK_EVENTS.index)
 
     @field_validator("metadata")
     @classmethod
@@ -243,6 +282,10 @@ class Job(BaseModel):
     summary: JobSummary | None = None
     attempts: int = 0
     tenant: str = "default"
+    webhook_secret: str | None = Field(
+        None,
+        description="The secret that signs this job's webhooks: in the response to POST /v1/jobs only, never again.",
+    )
 
 
 class JobPage(BaseModel):
@@ -266,3 +309,26 @@ class EventPage(BaseModel):
 class ArtifactList(BaseModel):
     job_id: str
     artifacts: list[Artifact]
+
+
+class WebhookDelivery(BaseModel):
+    """One event sent (or being sent) to one webhook: retried with backoff until it is answered
+    2xx or the attempts run out. ``id`` is the webhook-id header, the same on every attempt."""
+
+    id: str
+    event: WebhookEvent
+    target: Literal["job", "tenant"]
+    url: str
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    created_at: datetime
+    last_attempt_at: datetime | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    job_id: str
+    deliveries: list[WebhookDelivery]
+

@@ -7,8 +7,13 @@ worker that finishes the last part sends ``MERGE_JOB`` (docs/adr/0005-scale-out.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import redis
 from celery import Celery
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 RUN_JOB = "loftq.run_job"
 RUN_PART = "loftq.run_part"  # args: job id, part number
@@ -16,8 +21,9 @@ MERGE_JOB = "loftq.merge_job"  # args: job id
 
 
 class JobQueue:
-    def __init__(self, broker_url: str, queue: str) -> None:
+    def __init__(self, broker_url: str, queue: str, *, webhook_queue: str | None = None) -> None:
         self.queue = queue
+        self.webhook_queue = webhook_queue or f"{queue}-webhooks"
         self.broker_url = broker_url
         self.celery = Celery("loftq-api", broker=broker_url)
         self.celery.conf.update(broker_connection_retry_on_startup=True, task_serializer="json")
@@ -29,6 +35,16 @@ class JobQueue:
     def send(self, task: str, *args: object) -> None:
         """Any of the worker's tasks by name (the sweeper re-sends parts and merges too)."""
         self.celery.send_task(task, args=list(args), queue=self.queue)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobQueue:
+        return cls(settings.redis_url, settings.queue, webhook_queue=settings.webhook_queue)
+
+    def send_webhook(self, job_id: str, delivery_id: str) -> None:
+        """A webhook delivery, on its own queue: webhook workers never wait behind conversions."""
+        from service.webhooks import WEBHOOK_TASK
+
+        self.celery.send_task(WEBHOOK_TASK, args=[job_id, delivery_id], queue=self.webhook_queue)
 
     def depth(self) -> int:
         """Messages waiting (Celery's Redis transport keeps a queue as a list of that name)."""

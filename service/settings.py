@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.models import DEFAULT_WEBHOOK_EVENTS, WebhookEvent
 from service.tenants import parse_api_keys
+
+
+class TenantWebhook(BaseModel):
+    """A webhook the operator configures for every job of one tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    secret: SecretStr = Field(description="Signs the deliveries (Standard Webhooks: whsec_ and base64 key bytes).")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1)
 
 
 class Settings(BaseSettings):
@@ -19,6 +31,7 @@ class Settings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Job store and Celery broker.")
     queue: str = Field("loftq", description="Celery queue the GPU workers consume.")
+    webhook_queue: str = Field("loftq-webhooks", description="Celery queue the webhook workers consume.")
 
     storage: Literal["local", "s3"] = Field("local", description="Where artifacts go.")
     local_storage_root: Path = Field(Path("./loftq-data/artifacts"), description="Artifact root for storage=local.")
@@ -155,7 +168,14 @@ class Settings(BaseSettings):
         2**30, ge=1, description="Most calibration text one job may read (all its .txt/.jsonl files together)."
     )
 
-    job_retention_seconds: int = Field(30 * 24 * 3600, ge=60, description="How long finished job records are kept.")
+    job_retention_seconds: int = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description=(
+            "How long a finished job is kept: its record, events and webhook deliveries expire then, and the sweeper "
+            "removes its artifacts at its next pass (DELETE /v1/jobs/{id} removes them at once)."
+        ),
+    )
     job_timeout_seconds: int = Field(6 * 3600, ge=60, description="Longest job; the broker's visibility timeout is above it.")
     lease_seconds: int = Field(60, ge=5, description="A worker renews its job lease this often × 3.")
     cancel_grace_seconds: float = Field(
@@ -206,6 +226,34 @@ class Settings(BaseSettings):
     )
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for download links).")
 
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Networks (CIDR, JSON list or comma-separated) webhooks may reach although they are loopback, private, "
+            "link-local or otherwise not public; every other such address is refused at submission and before each "
+            "delivery. The embedded default allows loopback (127.0.0.0/8, ::1)."
+        ),
+    )
+    tenant_webhooks: Annotated[dict[str, TenantWebhook], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            'Webhooks per tenant, as a JSON object tenant -> {"url": ..., "secret": "whsec_...", "events": [...]}: '
+            "every job of the tenant reports there as well as to its own webhook_url. events defaults to every change "
+            "of state."
+        ),
+    )
+    webhook_timeout_seconds: float = Field(10, gt=0, le=60, description="Seconds one delivery attempt may take.")
+    webhook_retry_seconds: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600],
+        description=(
+            "Waits before each retry of a delivery that failed (no answer, or not 2xx); when they are spent the "
+            "delivery is failed. JSON list or comma-separated seconds."
+        ),
+    )
+    webhook_progress_interval_seconds: float = Field(
+        30, ge=0, description="At most one job.progress webhook per job in this many seconds."
+    )
+
     api_keys: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description=(
@@ -214,12 +262,35 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("tenant_sources", "hf_tokens", mode="before")
+    @field_validator("tenant_sources", "hf_tokens", "tenant_webhooks", mode="before")
     @classmethod
     def _json_object(cls, value: object) -> object:
         """A JSON object in the environment; already-parsed values (a copied Settings) pass."""
         if isinstance(value, str):
             value = json.loads(value) if value.strip() else None
+        return value
+
+    @field_validator("webhook_allowed_networks", "webhook_retry_seconds", mode="before")
+    @classmethod
+    def _list(cls, value: object) -> object:
+        """A JSON list or comma-separated values in the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("webhook_retry_seconds")
+    @classmethod
+    def _retries(cls, value: list[float]) -> list[float]:
+        if len(value) > 20 or any(not 0 <= wait <= 24 * 3600 for wait in value):
+            raise ValueError("webhook_retry_seconds: at most 20 waits, each 0 to 86400 seconds")
         return value
 
     @field_validator("api_keys", mode="before")

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import redis
 
-from service.errors import InvalidTransition
-from service.jobstore import MERGE, JobStore
+from service.deletion import remove_artifacts
+from service.lifecycle import service_lifecycle
 from service.models import ErrorInfo, Job, JobState
 from service.queue import MERGE_JOB, RUN_JOB, RUN_PART, JobQueue
 from service.settings import Settings
 from service.storage import ObjectStore
+from service.store import MERGE, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,17 @@ class SweepResult:
     redelivered: list[str] = field(default_factory=list)  # "job_x", "job_x part 2", "job_x merge"
     failed: list[str] = field(default_factory=list)  # job ids ended worker_lost
     cancelled: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)  # job ids whose artifacts went with their records
 
 
 class Sweeper:
     def __init__(self, store: JobStore, queue: JobQueue, artifacts: ObjectStore, settings: Settings) -> None:
         self.store, self.queue, self.artifacts, self.settings = store, queue, artifacts, settings
+        self.lifecycle = service_lifecycle(store, settings, queue=queue, artifacts=artifacts)
 
     def sweep(self) -> SweepResult:
         result = SweepResult()
+        self._remove_expired(result)
         for state in (JobState.running, JobState.cancelling):
             for job_id in self.store.ids_in_state(state):
                 try:
@@ -82,9 +86,7 @@ class Sweeper:
     def _redeliver(self, job: Job, what: str, attempts: int, message: tuple, result: SweepResult) -> None:
         if attempts >= self.settings.max_attempts:
             text = f"{what} was delivered {attempts} times and its worker died each time (LOFTQ_MAX_ATTEMPTS)"
-            try:
-                self.store.transition(job.id, JobState.failed, error=ErrorInfo(code="worker_lost", message=text))
-            except InvalidTransition:
+            if self.lifecycle.finish(job.id, JobState.failed, error=ErrorInfo(code="worker_lost", message=text)) is None:
                 return
             log.warning("job %s: %s; failed with worker_lost", job.id, text)
             result.failed.append(job.id)
@@ -104,11 +106,26 @@ class Sweeper:
         except Exception:
             log.exception("could not remove the partial artifacts of cancelled job %s", job.id)
             return  # the next sweep tries again; the job stays cancelling, not cancelled with leftovers
-        try:
-            self.store.transition(job.id, JobState.cancelled)
-        except InvalidTransition:
+        if self.lifecycle.finish(job.id, JobState.cancelled) is None:
             return
         result.cancelled.append(job.id)
+
+    def _remove_expired(self, result: SweepResult) -> None:
+        """Artifacts of finished jobs whose retention ran out (their records are gone already)."""
+        while expired := self.store.expired_outputs(limit=100):
+            removed = []
+            for job_id, tenant, output in expired:
+                try:
+                    if output is not None:
+                        remove_artifacts(self.artifacts, tenant, output)
+                except Exception:
+                    log.exception("could not remove the artifacts of expired job %s", job_id)
+                    continue  # kept in the index: the next sweep tries again
+                removed.append(job_id)
+            self.store.forget_outputs(removed)
+            result.expired += removed
+            if len(removed) < len(expired):
+                return
 
     def run_forever(self, stopped: threading.Event) -> None:
         """Sweep every interval; one replica per period does it (a claim in the job store)."""

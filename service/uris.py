@@ -218,8 +218,13 @@ def needs_calibration_data(request: JobCreate) -> str | None:
 
 def check_job_inputs(request: JobCreate, settings: Settings) -> None:
     """Everything about a job request that pydantic cannot check field by field: the source
-    and calibration URIs, and calibration data being given when the options need it."""
+    and calibration URIs, the webhook's address, and calibration data being given when the
+    options need it."""
     parse_source_uri(request.source, settings)
+    if request.webhook_url is not None:
+        from service.webhooks import check_submission
+
+        check_submission(request.webhook_url, settings)
     if request.calibration_data is not None:
         parse_calibration_uri(request.calibration_data, settings)
         return

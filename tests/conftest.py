@@ -342,8 +342,8 @@ def api_app(redis_url: str, tmp_path: Path, name: str, *, db: int = 2, **setting
     import uuid
 
     from api.main import create_app
-    from service.jobstore import JobStore
     from service.settings import Settings
+    from service.store import JobStore
 
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     config = Settings(

@@ -21,10 +21,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.jobstore import JobStore
 from service.models import Job, JobState
 from service.queue import MERGE_JOB, RUN_PART
-from service.storage import ObjectStore, store_from_settings
+from service.storage import ObjectStore
+from service.store import JobStore
 from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event, store_outage_tolerated
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
     progress = store.get(job.id).progress
     if progress.layers_total == 0:  # not on a redelivery: the parts may have counted already
         totals = {"stage": "converting", "layers_total": len(layout.targets), "shards_total": len(checkpoint.shards)}
-        store.update_progress(job.id, progress.model_copy(update=totals))
+        runner.lifecycle.progress(job, progress.model_copy(update=totals))
     done = store.parts_done(job.id)
     if len(done) == len(parts):
         enqueue(MERGE_JOB, job.id)
@@ -92,7 +92,7 @@ class PartRunner:
         return True
 
     def _run_leased(self, job: Job, part: int, keeper: LeaseKeeper) -> None:
-        artifacts = store_from_settings(self.settings)
+        artifacts = self.runner.artifacts
         work = self.runner._work_dir()
         prefix = f"{job.id}.part{part}-"
         self.runner.remove_abandoned_scratch(JobStore.part_lease_id(job.id, part))
@@ -157,12 +157,12 @@ class PartRunner:
             elapsed = (datetime.now(timezone.utc) - started_at).total_seconds()
             if event.stage == "layer" and event.layer is not None:
                 self.store.observe_duration("layer", event.layer.seconds)
-                progress = self.store.add_progress(job.id, elapsed=elapsed, layers_done=1)
+                progress = self.runner.lifecycle.add_progress(job, elapsed=elapsed, layers_done=1)
                 data = layer_event(event) | {"index": progress.layers_done, "total": progress.layers_total}
                 self.store.add_event(job.id, "layer", data)
             elif event.stage == "shard":
-                self.store.add_progress(
-                    job.id, elapsed=elapsed, shards_done=1, bytes_read=event.bytes_read, bytes_written=event.bytes_written
+                self.runner.lifecycle.add_progress(
+                    job, elapsed=elapsed, shards_done=1, bytes_read=event.bytes_read, bytes_written=event.bytes_written
                 )
 
         convert_part(

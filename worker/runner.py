@@ -27,8 +27,8 @@ from pathlib import Path
 import redis
 from pydantic import ValidationError
 
-from service.errors import InvalidTransition, ServiceError, request_validation_error
-from service.jobstore import MERGE, JobStore, NotLeaseHolder
+from service.errors import ServiceError, request_validation_error
+from service.lifecycle import service_lifecycle
 from service.models import (
     CalibrationSummary,
     ErrorInfo,
@@ -41,8 +41,10 @@ from service.models import (
     Progress,
     RefinementSummary,
 )
+from service.queue import JobQueue
 from service.settings import Settings
 from service.storage import ObjectStore, store_from_settings
+from service.store import MERGE, JobStore
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class JobRunner:
     ) -> None:
         self.store = store
         self.settings = settings
+        self.artifacts = store_from_settings(settings)
+        self.lifecycle = service_lifecycle(store, settings, queue=JobQueue.from_settings(settings), artifacts=self.artifacts)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.worker = worker or socket.gethostname()  # the Celery node name, recorded per part
         self.enqueue = enqueue
@@ -176,7 +180,7 @@ class JobRunner:
             self.store.release_lease(lease_id, self.owner)
 
     def _run_leased(self, job: Job, *, merge: bool = False) -> None:
-        artifacts = store_from_settings(self.settings)
+        artifacts = self.artifacts
         self.remove_abandoned_scratch(job.id)
         if job.state.finished:
             return
@@ -190,7 +194,7 @@ class JobRunner:
                 self.worker_lost(job.id, attempts)
                 return
             if job.state is JobState.queued:
-                job = self.store.transition(job.id, JobState.running)
+                job = self.lifecycle.start(job.id)
             scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir()))
             try:
                 if job.request.distributed and not merge:
@@ -205,7 +209,7 @@ class JobRunner:
             if merge:  # the report times the merge alone; the job ran from its start
                 summary.seconds = (datetime.now(timezone.utc) - (job.started_at or job.created_at)).total_seconds()
             with store_outage_tolerated("the final progress"):
-                self.store.update_progress(job.id, self._progress(job.id, stage="done"))
+                self.lifecycle.progress(job, self._progress(job.id, stage="done"))
                 self.store.observe_duration("job", summary.seconds)
             self._end(job.id, JobState.succeeded, summary=summary)
         except LeaseLost as exc:
@@ -276,7 +280,7 @@ class JobRunner:
         options = self.options(job)
         calibration_data = None
         if job.request.calibration_data is not None:
-            self.store.update_progress(job.id, self._progress(job.id, stage="downloading"))
+            self.lifecycle.progress(job, self._progress(job.id, stage="downloading"))
             calibration_data = fetch_calibration_data(
                 job.request.calibration_data, self.settings, scratch / "calibration", tenant=job.tenant
             )
@@ -319,7 +323,7 @@ class JobRunner:
                 if event.stage in ("layer", "calibration") and event.layer is not None:
                     self.store.observe_duration("layer", event.layer.seconds)
                     self.store.add_event(job.id, "layer", layer_event(event))
-                self.store.update_progress(job.id, progress)
+                self.lifecycle.progress(job, progress)
 
         return convert(
             source,
@@ -367,24 +371,10 @@ class JobRunner:
             self._end(job.id, JobState.failed, ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"))
 
     def _end(self, job_id: str, state: JobState, error: ErrorInfo | None = None, summary: JobSummary | None = None) -> None:
-        """Record the end state; a brief Redis outage must not leave the job running forever.
-        Only while this runner holds the lease it runs under: one that lost it is not the
-        attempt the job's end belongs to."""
+        """Record the end, fenced with the lease this runner holds now: an attempt that lost it
+        is not the one the job's end belongs to (service/lifecycle.py writes every end)."""
         holder = (self.held, self.owner) if self.held is not None else None
-        for attempt in range(5):
-            try:
-                self.store.transition(job_id, state, error=error, summary=summary, holder=holder)
-                return
-            except InvalidTransition:
-                log.info("job %s already ended; %s not recorded", job_id, state.value)
-                return
-            except NotLeaseHolder as exc:
-                log.warning("job %s: %s; %s not recorded", job_id, exc, state.value)
-                return
-            except redis.RedisError:
-                if attempt == 4:
-                    raise
-                time.sleep(2**attempt)
+        self.lifecycle.finish(job_id, state, error=error, summary=summary, holder=holder)
 
 
 # --------------------------------------------------------------------------- report → job

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from celery.signals import task_prerun
 
-from service.jobstore import JobStore
 from service.settings import get_settings
+from service.store import JobStore
 from worker.celery_app import MERGE_JOB, RUN_JOB, RUN_PART, celery_app
 from worker.distributed import PartRunner
 from worker.limits import apply_memory_limit

@@ -40,9 +40,13 @@ import time
 
 import redis
 
-from service.errors import InvalidTransition, JobNotFound
-from service.jobstore import JobStore, NotLeaseHolder
+from service.errors import JobNotFound
+from service.lifecycle import service_lifecycle
 from service.models import ErrorInfo, JobState
+from service.queue import JobQueue
+from service.settings import get_settings
+from service.storage import store_from_settings
+from service.store import JobStore
 
 log = logging.getLogger("worker.watchdog")
 
@@ -171,18 +175,13 @@ def _kill(store: JobStore, config: WatchConfig, reason: str, tick: float) -> Non
 
 def _fail_timeout(store: JobStore, config: WatchConfig, error: ErrorInfo) -> None:
     """Fenced with the lease: if another worker owns the job, the end is not ours to record."""
-    for attempt in range(5):
-        try:
-            store.transition(config.job_id, JobState.failed, error=error, holder=(config.lease, config.owner))
-            return
-        except (InvalidTransition, NotLeaseHolder) as exc:
-            log.info("job %s: timeout not recorded: %s", config.job_id, exc)
-            return
-        except redis.RedisError:
-            if attempt == 4:
-                log.exception("job %s: could not record its timeout", config.job_id)
-                return
-            time.sleep(2**attempt)
+    settings = get_settings()
+    queue = JobQueue(config.url, settings.queue, webhook_queue=settings.webhook_queue)
+    lifecycle = service_lifecycle(store, settings, queue=queue, artifacts=store_from_settings(settings))
+    try:
+        lifecycle.finish(config.job_id, JobState.failed, error=error, holder=(config.lease, config.owner))
+    except redis.RedisError:
+        log.exception("job %s: could not record its timeout", config.job_id)
 
 
 def main() -> None:

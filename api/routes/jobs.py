@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, inspect, list, cancel, and follow jobs."""
+"""/v1/jobs: submit, inspect, list, cancel, delete and follow jobs, and see their webhook deliveries."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import EventHubDep, PolicyDep, QueueDep, SettingsDep, StoreDep, TenantDep
+from api.deps import ArtifactsDep, EventHubDep, LifecycleDep, PolicyDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from api.event_stream import EventStreamResponse
 from api.schemas import error_responses
+from service import deletion
 from service.errors import (
     IdempotencyKeyReused,
     InvalidCalibrationSource,
@@ -22,14 +23,16 @@ from service.errors import (
     Unauthorized,
     Unavailable,
 )
-from service.jobstore import JobStore
-from service.models import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState
+from service.models import ErrorInfo, Event, EventPage, Job, JobCreate, JobPage, JobState, WebhookDeliveryList
 from service.policy import SourceNotAllowed
 from service.settings import Settings
+from service.storage import StorageUnavailable
+from service.store import JobStore
 from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.text import unsafe_message
 from service.uploads import UploadIncomplete, UploadStore, require_complete
 from service.uris import check_job_inputs
+from service.webhooks import WebhookNotAllowed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
@@ -63,6 +66,7 @@ SUBMIT_RESPONSES = {
         InvalidSource,
         InvalidCalibrationSource,
         SourceNotAllowed,
+        WebhookNotAllowed,
         UploadIncomplete,
         IdempotencyKeyReused,
         RequestTooLarge,
@@ -77,6 +81,7 @@ def create_job(
     body: JobCreate,
     response: Response,
     store: StoreDep,
+    lifecycle: LifecycleDep,
     queue: QueueDep,
     settings: SettingsDep,
     policy: PolicyDep,
@@ -104,13 +109,13 @@ def create_job(
         _check_idempotency_key(idempotency_key)
     if tenant == DEFAULT_TENANT and body.output and body.output.split("/", 1)[0] == "tenants":
         raise InvalidRequest("output: the tenants/ prefix is reserved for the artifacts of API-key tenants")
-    if idempotency_key is None:
-        _check_limits(store, settings, tenant)
-        job, created = store.create(body, tenant=tenant, prefix=tenant_prefix(tenant)), True
-    else:
-        job, created = store.create_idempotent(
-            body, idempotency_key, tenant=tenant, prefix=tenant_prefix(tenant), admit=lambda: _check_limits(store, settings, tenant)
-        )
+    job, created = lifecycle.submit(
+        body,
+        tenant=tenant,
+        prefix=tenant_prefix(tenant),
+        idempotency_key=idempotency_key,
+        admit=lambda: _check_limits(store, settings, tenant),
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -118,7 +123,7 @@ def create_job(
     try:
         queue.enqueue(job.id)
     except Exception as exc:  # the broker is down: the job must not sit queued forever
-        store.transition(job.id, JobState.failed, error=ErrorInfo(code="queue_unavailable", message=str(exc)))
+        lifecycle.finish(job.id, JobState.failed, error=ErrorInfo(code="queue_unavailable", message=str(exc)))
         if idempotency_key is not None:  # a retry with the same key must queue a new job
             store.release_idempotency_key(idempotency_key, tenant=tenant)
         raise Unavailable("the job queue is unreachable; try again") from exc
@@ -186,10 +191,41 @@ def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
 @router.post(
     "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=Job, responses=error_responses(*JOB_ERRORS)
 )
-def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
+def cancel_job(job_id: str, store: StoreDep, lifecycle: LifecycleDep, tenant: TenantDep) -> Job:
     """Ask a job to stop (checked between layers). Idempotent; a no-op on finished jobs."""
     store.get(job_id, tenant=tenant)  # a job never changes tenant, so checking first is enough
-    return store.request_cancel(job_id)
+    return lifecycle.cancel(job_id)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={
+        202: {"model": Job, "description": "The job was running: it is cancelling, and is removed once it has stopped."},
+        **error_responses(*JOB_ERRORS, StorageUnavailable),
+    },
+)
+def delete_job(
+    job_id: str, store: StoreDep, lifecycle: LifecycleDep, artifacts: ArtifactsDep, settings: SettingsDep, tenant: TenantDep
+) -> Response:
+    """Remove a job: its artifacts, its record, its events. A queued or finished job is removed
+    at once (204); a running one is cancelled first and removed when its worker has stopped
+    (202 with the cancelling job). Deleting again, or a job already gone, is 404."""
+    job = store.get(job_id, tenant=tenant)
+    keep = int(sum(settings.webhook_retry_seconds)) + 3600  # deliveries still due are sent
+    stopping = deletion.delete_job(lifecycle, artifacts, job, keep_deliveries_seconds=keep)
+    if stopping is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return Response(stopping.model_dump_json(), status_code=status.HTTP_202_ACCEPTED, media_type="application/json")
+
+
+@router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=error_responses(*JOB_ERRORS))
+def list_webhook_deliveries(job_id: str, store: StoreDep, tenant: TenantDep) -> WebhookDeliveryList:
+    """Every webhook delivery of the job (its own webhook_url and its tenant's), oldest first:
+    state (pending, delivered, failed), attempts, the last answer or error."""
+    store.get(job_id, tenant=tenant)
+    return WebhookDeliveryList(job_id=job_id, deliveries=store.deliveries(job_id))
 
 
 def _event_cursor(after: str | None) -> str | None:

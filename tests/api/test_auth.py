@@ -19,9 +19,10 @@ from api.embedded import app as serve_app
 from api.embedded import auth_line, bind_refusal
 from api.main import create_app
 from loftq_client import ApiError, LoftQClient
-from service.jobstore import JobStore
+from service.lifecycle import Lifecycle
 from service.models import JobState
 from service.settings import Settings
+from service.store import JobStore
 from service.tenants import hash_key
 
 KEY_A, KEY_B = "key-of-tenant-a", "key-of-tenant-b"
@@ -61,8 +62,8 @@ def _create(api: TestClient, headers: dict[str, str], **body) -> dict:
 def _succeed(api: TestClient, job: dict) -> None:
     """Finish a job as a worker would: state succeeded and a manifest under its output prefix."""
     store: JobStore = api.app.state.store
-    store.transition(job["id"], JobState.running)
-    store.transition(job["id"], JobState.succeeded)
+    Lifecycle(store).transition(job["id"], JobState.running)
+    Lifecycle(store).transition(job["id"], JobState.succeeded)
     manifest = json.dumps({"files": []}).encode()
     root: Path = api.app.state.settings.local_storage_root
     path = root / job["output"] / "manifest.json"

@@ -9,10 +9,11 @@ import uuid
 
 import pytest
 
+from api.errors import http_headers
 from api.event_stream import EventHub, StreamSlots
 from service.errors import TooManyRequests
-from service.jobstore import JobStore
 from service.models import JobCreate
+from service.store import JobStore
 
 DB = 12
 
@@ -48,7 +49,7 @@ def test_slots_count_per_tenant_and_in_all() -> None:
     a1, a2 = slots.take("a"), slots.take("a")
     with pytest.raises(TooManyRequests, match="PER_TENANT") as refused:
         slots.take("a")
-    assert refused.value.code == "too_many_streams" and refused.value.headers["Retry-After"] == "5"
+    assert refused.value.code == "too_many_streams" and http_headers(refused.value)["Retry-After"] == "5"
     slots.take("b")
     with pytest.raises(TooManyRequests, match=r"LOFTQ_MAX_EVENT_STREAMS\)"):
         slots.take("c")

@@ -45,7 +45,7 @@ def test_the_largest_readable_cursors_still_answer(api: TestClient, after: str) 
     [
         ("OPTIONS", "/v1/jobs", "GET, POST"),
         ("DELETE", "/v1/jobs", "GET, POST"),
-        ("DELETE", "/v1/jobs/job_x", "GET"),
+        ("PUT", "/v1/jobs/job_x", "DELETE, GET"),
         ("GET", "/v1/jobs/job_x/cancel", "POST"),
         ("PUT", "/v1/jobs/job_x/artifacts/files/a/b.json", "GET"),
         ("POST", "/healthz", "GET"),

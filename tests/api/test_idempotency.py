@@ -11,8 +11,8 @@ from conftest import api_app
 from fastapi.testclient import TestClient
 
 from service.errors import IdempotencyKeyReused
-from service.jobstore import JobStore
 from service.models import JobCreate
+from service.store import JobStore
 
 BODY = {"source": "s3://models/llama/", "options": {"rank": 8}}
 
@@ -95,6 +95,9 @@ def test_a_job_that_could_not_be_queued_frees_its_key(api: TestClient) -> None:
 
     class Down:
         def enqueue(self, job_id: str) -> None:
+            raise ConnectionError("broker unreachable")
+
+        def send_webhook(self, job_id: str, delivery_id: str) -> None:
             raise ConnectionError("broker unreachable")
 
     api.app.state.queue = Down()

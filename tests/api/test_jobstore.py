@@ -10,9 +10,10 @@ import uuid
 import pytest
 
 from service.errors import InvalidRequest, InvalidTransition, JobNotFound
-from service.jobstore import JobStore
+from service.lifecycle import Lifecycle
 from service.models import TRANSITIONS, ErrorInfo, JobCreate, JobState, JobSummary, Progress
 from service.settings import Settings
+from service.store import JobStore
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def _to(store: JobStore, state: JobState, **kwargs) -> str:
         JobState.cancelled: [JobState.cancelled],
     }[state]
     for step in path:
-        store.transition(job.id, step)
+        Lifecycle(store).transition(job.id, step)
     return job.id
 
 
@@ -101,7 +102,7 @@ def test_list_state_and_tenant_filter(store: JobStore) -> None:
     ids = [store.create(_request(), tenant="a" if i % 2 else "b").id for i in range(10)]
     running = ids[::2]  # tenant "b"
     for job_id in running:
-        store.transition(job_id, JobState.running)
+        Lifecycle(store).transition(job_id, JobState.running)
 
     seen, after = [], None
     for _ in range(3):
@@ -125,12 +126,12 @@ def test_transitions_table(store: JobStore, start: JobState) -> None:
     for to in JobState:
         job_id = _to(store, start)
         if to in TRANSITIONS[start]:
-            job = store.transition(job_id, to)
+            job = Lifecycle(store).transition(job_id, to)
             assert job.state == to == store.get(job_id).state
             assert store.events(job_id).events[-1].data == {"state": to.value}
         else:
             with pytest.raises(InvalidTransition):
-                store.transition(job_id, to)
+                Lifecycle(store).transition(job_id, to)
             assert store.get(job_id).state == start
 
 
@@ -138,34 +139,34 @@ def test_finished_jobs_never_change(store: JobStore) -> None:
     job_id = _to(store, JobState.succeeded)
     for to in JobState:
         with pytest.raises(InvalidTransition):
-            store.transition(job_id, to)
+            Lifecycle(store).transition(job_id, to)
 
 
 def test_expect_guard(store: JobStore) -> None:
     job_id = store.create(_request()).id
     with pytest.raises(InvalidTransition):
-        store.transition(job_id, JobState.running, expect={JobState.cancelling})
-    assert store.transition(job_id, JobState.running, expect={JobState.queued}).state == JobState.running
+        Lifecycle(store).transition(job_id, JobState.running, expect={JobState.cancelling})
+    assert Lifecycle(store).transition(job_id, JobState.running, expect={JobState.queued}).state == JobState.running
     with pytest.raises(JobNotFound):
-        store.transition("job_000000000000deadbeef", JobState.running)
+        Lifecycle(store).transition("job_000000000000deadbeef", JobState.running)
 
 
 def test_timestamps_error_summary(store: JobStore) -> None:
     job_id = store.create(_request()).id
-    running = store.transition(job_id, JobState.running)
+    running = Lifecycle(store).transition(job_id, JobState.running)
     assert running.started_at is not None and running.finished_at is None
-    requeued = store.transition(job_id, JobState.queued)
-    again = store.transition(job_id, JobState.running)
+    requeued = Lifecycle(store).transition(job_id, JobState.queued)
+    again = Lifecycle(store).transition(job_id, JobState.running)
     assert requeued.started_at == again.started_at == running.started_at  # first start kept
 
     summary = JobSummary(layers=4, mean_error_quant=0.2, mean_error=0.1, seconds=1.5)
-    done = store.transition(job_id, JobState.succeeded, summary=summary)
+    done = Lifecycle(store).transition(job_id, JobState.succeeded, summary=summary)
     assert done.finished_at is not None and done.finished_at >= done.started_at
     assert store.get(job_id).summary == summary
 
     failed_id = _to(store, JobState.running)
     error = ErrorInfo(code="oom", message="out of memory")
-    failed = store.transition(failed_id, JobState.failed, error=error)
+    failed = Lifecycle(store).transition(failed_id, JobState.failed, error=error)
     assert store.get(failed_id).error == error == failed.error
     assert store.events(failed_id).events[-1].data == {"state": "failed", "error": error.model_dump()}
 
@@ -179,7 +180,7 @@ def test_concurrent_terminal_transitions_one_wins(store: JobStore) -> None:
         def race(to: JobState) -> None:
             barrier.wait()
             try:
-                results[to] = store.transition(job_id, to)
+                results[to] = Lifecycle(store).transition(job_id, to)
             except InvalidTransition as exc:
                 results[to] = exc
 
@@ -200,26 +201,26 @@ def test_concurrent_terminal_transitions_one_wins(store: JobStore) -> None:
 def test_cancel_idempotent(store: JobStore) -> None:
     queued = store.create(_request()).id
     assert not store.cancel_requested(queued)
-    first = store.request_cancel(queued)
+    first = Lifecycle(store).cancel(queued)
     assert first.state == JobState.cancelled and first.finished_at is not None
-    assert store.request_cancel(queued) == first
+    assert Lifecycle(store).cancel(queued) == first
     assert store.cancel_requested(queued)
 
     running = _to(store, JobState.running)
-    assert store.request_cancel(running).state == JobState.cancelling
-    assert store.request_cancel(running).state == JobState.cancelling
+    assert Lifecycle(store).cancel(running).state == JobState.cancelling
+    assert Lifecycle(store).cancel(running).state == JobState.cancelling
     assert store.cancel_requested(running)
     states = [e.data["state"] for e in store.events(running).events]
     assert states == ["queued", "running", "cancelling"]
-    assert store.transition(running, JobState.cancelled).state == JobState.cancelled
+    assert Lifecycle(store).transition(running, JobState.cancelled).state == JobState.cancelled
 
     done = _to(store, JobState.succeeded)
     before = store.get(done)
-    assert store.request_cancel(done) == before
+    assert Lifecycle(store).cancel(done) == before
     assert store.get(done).state == JobState.succeeded
 
     with pytest.raises(JobNotFound):
-        store.request_cancel("job_000000000000deadbeef")
+        Lifecycle(store).cancel("job_000000000000deadbeef")
     assert store.cancel_requested("job_000000000000deadbeef") is False
 
 
@@ -232,7 +233,7 @@ def test_progress_and_attempts(store: JobStore) -> None:
     assert store.increment_attempts(job_id) == 1
     assert store.increment_attempts(job_id) == 2
     # a state change keeps progress and attempts
-    job = store.transition(job_id, JobState.running)
+    job = Lifecycle(store).transition(job_id, JobState.running)
     assert job.progress == progress and job.attempts == 2
     assert store.get(job_id).attempts == 2
     with pytest.raises(JobNotFound):
@@ -303,15 +304,15 @@ def test_retention_ttl(store: JobStore) -> None:
     client = store.client
     job_key, events_key = f"{store.prefix}job:{job_id}", f"{store.prefix}events:{job_id}"
     assert client.ttl(job_key) == -1 and client.ttl(events_key) == -1
-    store.transition(job_id, JobState.running)
+    Lifecycle(store).transition(job_id, JobState.running)
     assert client.ttl(job_key) == -1
-    store.transition(job_id, JobState.succeeded)
+    Lifecycle(store).transition(job_id, JobState.succeeded)
     assert 3500 < client.ttl(job_key) <= 3600
     assert 3500 < client.ttl(events_key) <= 3600
     store.update_progress(job_id, Progress(stage="done"))  # field writes keep the TTL
     assert client.ttl(job_key) > 3500
 
-    cancelled = store.request_cancel(store.create(_request()).id)
+    cancelled = Lifecycle(store).cancel(store.create(_request()).id)
     assert client.ttl(f"{store.prefix}job:{cancelled.id}") > 3500
 
 

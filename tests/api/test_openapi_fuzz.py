@@ -30,8 +30,9 @@ from conftest import stop_processes  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
-from service.jobstore import JobStore  # noqa: E402
+from service.lifecycle import Lifecycle
 from service.models import JobState, JobSummary  # noqa: E402
+from service.store import JobStore  # noqa: E402
 from service.tenants import hash_key  # noqa: E402
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
@@ -51,9 +52,9 @@ def _finish(store: JobStore, job_id: str, storage: Path, output: str) -> None:
     (directory / ARTIFACT).write_bytes(data)
     manifest = {"files": [{"path": ARTIFACT, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    store.transition(job_id, JobState.running)
+    Lifecycle(store).transition(job_id, JobState.running)
     summary = JobSummary(layers=1, mean_error_quant=0.1, mean_error=0.05, seconds=0.1)
-    store.transition(job_id, JobState.succeeded, summary=summary)
+    Lifecycle(store).transition(job_id, JobState.succeeded, summary=summary)
 
 
 @pytest.fixture(scope="module")

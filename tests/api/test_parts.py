@@ -10,8 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from service.errors import JobNotFound
-from service.jobstore import MERGE, JobStore
+from service.lifecycle import Lifecycle
 from service.models import JobCreate, JobState, Progress
+from service.store import MERGE, JobStore
 
 PARTS = [["model-00001-of-00005.safetensors"], ["model-00002-of-00005.safetensors", "model-00003-of-00005.safetensors"],
          ["model-00004-of-00005.safetensors"], ["model-00005-of-00005.safetensors"]]
@@ -24,7 +25,7 @@ def store(redis_url: str) -> JobStore:
 
 def _job(store: JobStore) -> str:
     job = store.create(JobCreate(source="s3://models/x/", distributed=True))
-    store.transition(job.id, JobState.running)
+    Lifecycle(store).transition(job.id, JobState.running)
     return job.id
 
 
@@ -120,7 +121,7 @@ def test_part_keys_expire_with_the_finished_job(store: JobStore) -> None:
     store.init_parts(job_id, PARTS)
     store.finish_part(job_id, 0, {})
     store.increment_part_attempts(job_id, 0)
-    store.transition(job_id, JobState.succeeded)
+    Lifecycle(store).transition(job_id, JobState.succeeded)
     keys = [f"{store.prefix}parts:{job_id}", f"{store.prefix}parts:{job_id}:done", f"{store.prefix}parts:{job_id}:attempts"]
     assert all(0 < store.client.ttl(key) <= 3600 for key in keys)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from service.jobstore import MERGE, JobStore
+from service.lifecycle import Lifecycle
 from service.models import JobCreate, JobState
 from service.queue import MERGE_JOB, RUN_JOB, RUN_PART
 from service.settings import Settings
 from service.storage import store_from_settings
+from service.store import MERGE, JobStore
 from service.sweeper import Sweeper
 
 
@@ -23,6 +24,9 @@ class Sent(list):
 
     def send(self, task: str, *args: object) -> None:
         self.append((task, *args))
+
+    def send_webhook(self, job_id: str, delivery_id: str) -> None:
+        self.append(("webhook", job_id, delivery_id))
 
 
 @pytest.fixture
@@ -48,7 +52,7 @@ def sweeper(store: JobStore, sent: Sent, settings: Settings) -> Sweeper:
 def _running(store: JobStore, *, attempts: int = 1, distributed: bool = False) -> str:
     """A job a worker started ``attempts`` times (the runner counts a delivery before it works)."""
     job = store.create(JobCreate(source="file:///models/m", distributed=distributed))
-    store.transition(job.id, JobState.running)
+    Lifecycle(store).transition(job.id, JobState.running)
     for _ in range(attempts):
         store.increment_attempts(job.id)
     return job.id
@@ -76,7 +80,7 @@ def test_a_leased_job_is_left_alone(store, sweeper, sent) -> None:
 def test_queued_and_finished_jobs_are_left_alone(store, sweeper, sent) -> None:
     store.create(JobCreate(source="file:///models/m"))
     done = _running(store)
-    store.transition(done, JobState.succeeded)
+    Lifecycle(store).transition(done, JobState.succeeded)
     assert sweeper.sweep().redelivered == [] and sent == []
 
 
@@ -91,7 +95,7 @@ def test_after_max_attempts_the_job_fails_with_worker_lost(store, sweeper, sent)
 
 def test_a_cancelling_job_whose_worker_died_is_cancelled_and_its_artifacts_removed(store, sweeper, settings) -> None:
     job_id = _running(store)
-    store.request_cancel(job_id)
+    Lifecycle(store).cancel(job_id)
     partial = settings.local_storage_root / store.get(job_id).output / "model-00001-of-00002.safetensors"
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"half")

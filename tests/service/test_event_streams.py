@@ -22,7 +22,8 @@ import redis
 from conftest import s3_client, service_env, stop_processes
 
 from api.event_stream import POOL_CONNECTIONS
-from service.jobstore import JobStore
+from service.lifecycle import Lifecycle
+from service.store import JobStore
 from service.tenants import hash_key
 
 DB = 11
@@ -131,7 +132,7 @@ def test_other_routes_answer_while_more_streams_than_threads_are_open(server: di
             assert extra <= POOL_CONNECTIONS + 4, f"{FOLLOWERS} followers opened {extra} Redis connections"
 
             for job_id in jobs:  # queued → cancelled: the last event; every stream then ends
-                server["store"].request_cancel(job_id)
+                Lifecycle(server["store"]).cancel(job_id)
             lasts = await asyncio.gather(*(f.frame(timeout=30) for f in followers))
             assert all(last["event"] == "state" and '"cancelled"' in last["data"] for last in lasts)
             assert await asyncio.gather(*(f.frame(timeout=30) for f in followers)) == [None] * FOLLOWERS
@@ -163,7 +164,7 @@ def test_a_follower_gets_events_as_they_are_written_and_can_resume(server: dict)
             both = await asyncio.gather(first.frame(timeout=10), second.frame(timeout=10))
             assert both[0] == both[1] and '"k_proj"' in both[0]["data"]
 
-            store.request_cancel(job_id)
+            Lifecycle(store).cancel(job_id)
             ends = await asyncio.gather(first.frame(timeout=10), second.frame(timeout=10))
             assert all('"cancelled"' in end["data"] for end in ends)
             assert await asyncio.gather(first.frame(timeout=10), second.frame(timeout=10)) == [None, None]
@@ -186,7 +187,7 @@ def test_stream_errors_keep_their_codes(server: dict) -> None:
         bad = client.get(f"/v1/jobs/{job_id}/events/stream", params={"after": "x"}, headers=_auth("team-a"))
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
         assert client.get(f"/v1/jobs/{job_id}/events/stream").status_code == 401
-        server["store"].request_cancel(job_id)
+        Lifecycle(server["store"]).cancel(job_id)
 
 
 @pytest.fixture

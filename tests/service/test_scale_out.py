@@ -12,7 +12,7 @@ import httpx
 import pytest
 from conftest import s3_client, service_env, start_worker, stop_processes
 
-from service.jobstore import JobStore
+from service.store import JobStore
 
 BUCKET = "scale-artifacts"
 MODELS = "scale-models"

@@ -25,9 +25,9 @@ import pytest
 from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
 
 from loftq_client import ApiError, LoftQClient
-from service.jobstore import JobStore
 from service.models import JobCreate
 from service.queue import JobQueue
+from service.store import JobStore
 from service.tenants import hash_key, tenant_prefix
 
 BUCKET = "tenant-data-artifacts"

@@ -15,10 +15,10 @@ import pytest
 from loftq.errors import InvalidCalibrationData, UnsupportedArchitecture
 from loftq.report import Calibration, Evaluation, LayerReport, ProgressEvent, Report, summarize
 from service.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource
-from service.jobstore import JobStore
 from service.models import JobCreate, JobState
 from service.settings import Settings
 from service.storage import S3ObjectStore
+from service.store import JobStore
 from worker.runner import JobRunner
 from worker.sources import fetch_calibration_data
 

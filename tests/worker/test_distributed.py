@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from service.jobstore import JobStore
+from service.lifecycle import Lifecycle
 from service.models import JobCreate, JobState
 from service.queue import MERGE_JOB, RUN_PART
 from service.settings import Settings
+from service.store import JobStore
 from worker.distributed import PartRunner, plan_parts
 from worker.runner import JobRunner
 
@@ -153,7 +154,7 @@ def test_cancel_stops_parts_and_removes_artifacts(env: Env) -> None:
     PartRunner(env.runner()).run(job_id, parts[0])
     output = env.root / env.store.get(job_id).output
     assert output.exists()
-    assert env.store.request_cancel(job_id).state is JobState.cancelling
+    assert Lifecycle(env.store).cancel(job_id).state is JobState.cancelling
     PartRunner(env.runner()).run(job_id, parts[1])
     job = env.store.get(job_id)
     assert job.state is JobState.cancelled and not output.exists()

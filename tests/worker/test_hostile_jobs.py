@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loftq.errors import UnsafePath
-from service.jobstore import JobStore
 from service.models import JobCreate, JobState
 from service.settings import Settings
+from service.store import JobStore
 from worker.runner import JobRunner
 from worker.sources import HubSource, S3Source
 

@@ -10,8 +10,8 @@ import uuid
 import pytest
 
 from loftq.report import BlockRefinement, LayerReport, ModelRefinement, Refinement, Report, summarize
-from service.jobstore import JobStore
 from service.models import JobCreate
+from service.store import JobStore
 from worker.runner import LeaseKeeper, job_summary
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from service.jobstore import JobStore, NotLeaseHolder
+from service.lifecycle import Lifecycle
 from service.models import ErrorInfo, JobCreate, JobState
 from service.settings import Settings
+from service.store import JobStore, NotLeaseHolder
 from worker.runner import JobRunner
 
 TTL = 5  # the shortest lease the settings allow
@@ -30,7 +31,7 @@ GRACE = 2.0
 # A worker's pool child, reduced to its lease: take it, say so, then do what ``work`` says.
 JOB_PROCESS = """
 import json, re, sys, time
-from service.jobstore import JobStore
+from service.store import JobStore
 from service.settings import Settings
 from worker.runner import JobRunner
 
@@ -56,7 +57,7 @@ def store(redis_url: str) -> JobStore:
 @pytest.fixture
 def running_job(store: JobStore) -> str:
     job = store.create(JobCreate(source="s3://bucket/model/"))
-    store.transition(job.id, JobState.running)
+    Lifecycle(store).transition(job.id, JobState.running)
     return job.id
 
 
@@ -121,7 +122,7 @@ def test_a_job_holding_the_gil_keeps_its_lease_and_is_killed_once_cancelled(stor
     assert _lease_owner(store, running_job) == job.owner
     assert not store.acquire_lease(running_job, "another-worker", TTL)
 
-    store.request_cancel(running_job)
+    Lifecycle(store).cancel(running_job)
     waited = _exits_within(job.process, GRACE + 15)  # the grace, a tick, and room for a busy machine
     print(f"cancelled job process killed {waited:.1f} s after the request (grace {GRACE} s)")
     assert job.process.returncode == -signal.SIGKILL
@@ -199,9 +200,9 @@ def test_the_end_is_recorded_only_by_the_lease_holder(store: JobStore, running_j
     assert store.acquire_lease(running_job, "holder", 30)
     timeout = ErrorInfo(code="timeout", message="late")
     with pytest.raises(NotLeaseHolder):
-        store.transition(running_job, JobState.failed, error=timeout, holder=(running_job, "stale-attempt"))
+        Lifecycle(store).transition(running_job, JobState.failed, error=timeout, holder=(running_job, "stale-attempt"))
     assert store.get(running_job).state is JobState.running
-    store.transition(running_job, JobState.succeeded, holder=(running_job, "holder"))
+    Lifecycle(store).transition(running_job, JobState.succeeded, holder=(running_job, "holder"))
     assert store.get(running_job).state is JobState.succeeded
 
 
