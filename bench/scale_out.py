@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    from service.jobstore import JobStore
+    from service.store import JobStore
     from service.queue import JobQueue
     from service.redis_server import start_redis_server
     from service.models import JobCreate

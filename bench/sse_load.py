@@ -54,7 +54,7 @@ import redis
 
 from common import NO_ANSWER, Connection, ServiceStack, latency_ms, run_bench  # bench/common.py
 
-from service.jobstore import JobStore  # noqa: E402  (the repository is on sys.path through common)
+from service.store import JobStore  # noqa: E402  (the repository is on sys.path through common)
 
 TENANT = "sse"
 HEALTH_P99_MS, GET_P99_MS = 100.0, 250.0
