@@ -54,7 +54,8 @@ import redis
 
 from common import NO_ANSWER, Connection, ServiceStack, latency_ms, run_bench  # bench/common.py
 
-from service.store import JobStore  # noqa: E402  (the repository is on sys.path through common)
+from service.lifecycle import Lifecycle  # noqa: E402  (the repository is on sys.path through common)
+from service.store import JobStore  # noqa: E402
 
 TENANT = "sse"
 HEALTH_P99_MS, GET_P99_MS = 100.0, 250.0
@@ -242,7 +243,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
     print("ending: cancelling every job ...", file=sys.stderr, flush=True)
     ending = time.perf_counter()
     for job_id in jobs:
-        store.request_cancel(job_id)
+        Lifecycle(store).cancel(job_id)
     done, pending = await asyncio.wait(tasks, timeout=60)
     for task in pending:
         task.cancel()
