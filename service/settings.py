@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.models import DEFAULT_WEBHOOK_EVENTS, WebhookEvent
@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Job store and Celery broker.")
     queue: str = Field("loftq", description="Celery queue the GPU workers consume.")
-    webhook_queue: str = Field("loftq-webhooks", description="Celery queue the webhook workers consume.")
+    webhook_queue: str = Field("", description="Celery queue the webhook workers consume (default: <queue>-webhooks).")
 
     storage: Literal["local", "s3"] = Field("local", description="Where artifacts go.")
     local_storage_root: Path = Field(Path("./loftq-data/artifacts"), description="Artifact root for storage=local.")
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
 
     job_retention_seconds: int = Field(
         30 * 24 * 3600,
-        ge=60,
+        ge=1,
         description=(
             "How long a finished job is kept: its record, events and webhook deliveries expire then, and the sweeper "
             "removes its artifacts at its next pass (DELETE /v1/jobs/{id} removes them at once)."
@@ -269,6 +269,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = json.loads(value) if value.strip() else None
         return value
+
+    @model_validator(mode="after")
+    def _webhook_queue(self) -> Settings:
+        if not self.webhook_queue:
+            self.webhook_queue = f"{self.queue}-webhooks"
+        return self
 
     @field_validator("webhook_allowed_networks", "webhook_retry_seconds", mode="before")
     @classmethod

@@ -403,6 +403,18 @@ def start_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
     )
 
 
+def start_webhook_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
+    """The webhook worker (worker/webhook_app.py): threads, on ``env``'s webhook queue."""
+    import sys
+
+    queue = env.get("LOFTQ_WEBHOOK_QUEUE") or f"{env['LOFTQ_QUEUE']}-webhooks"
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.webhook_app:celery_app", "worker", "--pool", "threads",
+         "--concurrency", "4", "--loglevel", "INFO", "-Q", queue, "--hostname", f"{name}@%h"],
+        env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
 def stop_processes(api: subprocess.Popen | None, workers: list[subprocess.Popen]) -> None:
     """SIGTERM to the API and to each worker's group, SIGKILL to whatever is still up 30 s later."""
     import signal

@@ -1,4 +1,4 @@
-"""Object storage faults injected for real: a fault proxy (tests/service/s3_fault_proxy.py)
+"""Object storage faults injected for real: a fault proxy (tests/integration/s3_fault_proxy.py)
 on loopback in front of moto's S3 server answers chosen requests with 500s, 503 SlowDown
 or a connection reset. Transient faults are retried and change nothing in the artifacts; a
 persistent one fails the job with storage_unavailable and leaves no manifest.json.

@@ -1,5 +1,5 @@
 """The source policy (service/policy.py): grants, the service's own data, defaults. Unit tests of
-the rules; tests/service/test_tenant_data.py runs the attacks against the real service."""
+the rules; tests/integration/test_tenant_data.py runs the attacks against the real service."""
 
 from __future__ import annotations
 

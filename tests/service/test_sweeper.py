@@ -1,5 +1,5 @@
 """The sweeper against a real Redis-compatible server: which lost work it sends again, once,
-and when it gives up with worker_lost. tests/service/test_worker_recovery.py kills real workers."""
+and when it gives up with worker_lost. tests/integration/test_worker_recovery.py kills real workers."""
 
 from __future__ import annotations
 

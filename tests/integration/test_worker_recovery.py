@@ -1,7 +1,7 @@
 """Jobs survive dead workers, duplicate deliveries and a job store restart: real processes
 (valkey with the compose file's append-only persistence, Celery workers, uvicorn, moto's S3
 server) killed and restarted for real. The sweeper's decisions are unit-tested in
-tests/api/test_sweeper.py."""
+tests/service/test_sweeper.py."""
 
 from __future__ import annotations
 
