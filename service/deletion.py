@@ -26,10 +26,14 @@ def in_tenant_area(tenant: str, output: str) -> bool:
     return output.startswith(area) and len(output) > len(area)
 
 
-def remove_artifacts(artifacts: ObjectStore, tenant: str, output: str) -> None:
+def remove_artifacts(artifacts: ObjectStore, tenant: str, output: str) -> bool:
+    """Remove everything under ``output`` if it lies in ``tenant``'s area; False (and an error
+    in the log: the record was not written by this service) if it does not."""
     if not in_tenant_area(tenant, output):
-        raise ValueError(f"{output!r} is not in the area of tenant {tenant!r}; not removed")
+        log.error("a job of tenant %r names output %r outside its area; its artifacts are not removed", tenant, output)
+        return False
     artifacts.delete_prefix(output)
+    return True
 
 
 def remove_job(store: JobStore, artifacts: ObjectStore, job: Job, *, keep_deliveries_seconds: int = 0) -> None:

@@ -241,6 +241,24 @@ def test_a_job_the_queue_would_not_take_fails_once_and_says_so(stack: Stack, tmp
     assert _events(stack.received_for(job_id), "/ok/unqueued") == ["job.failed"]
 
 
+def test_a_running_job_deleted_stops_then_goes_and_its_end_is_still_announced(stack: Stack) -> None:
+    job = stack.submit(f"file://{stack.models}/slow", SLOW, "/ok/deleted")
+    stack.wait(job["id"], lambda j: j["state"] == "running" and j["progress"]["shards_done"] >= 1, "running")
+    s3 = s3_client(stack.env["LOFTQ_S3_ENDPOINT_URL"])
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix=job["output"]).get("Contents"), "it has written something"
+    stopping = stack.client.delete(f"/v1/jobs/{job['id']}")
+    assert stopping.status_code == 202 and stopping.json()["state"] == "cancelling", stopping.text
+    deadline = time.monotonic() + 120
+    while stack.client.get(f"/v1/jobs/{job['id']}").status_code != 404:
+        assert time.monotonic() < deadline, "the deleted job was not removed once it stopped"
+        time.sleep(0.2)
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=job["output"]).get("Contents")
+    while _events(stack.received_for(job["id"]), "/ok/tenant") != ["job.cancelled"]:
+        assert time.monotonic() < deadline, stack.received_for(job["id"])
+        time.sleep(0.2)
+    assert _events(stack.received_for(job["id"]), "/ok/deleted") == ["job.started", "job.cancelled"]
+
+
 def test_a_job_whose_worker_died_is_failed_by_the_sweeper_once(stack: Stack) -> None:
     job = stack.submit(f"file://{stack.models}/slow", SLOW, "/ok/lost")
     stack.wait(job["id"], lambda j: j["state"] == "running" and j["progress"]["shards_done"] >= 1, "running")
