@@ -1,7 +1,7 @@
 """A distributed job's life through the runners, in this process, against a real
 Redis-compatible server and local storage: the planning step's messages, parts on two
 "workers", the merge, failures, cancellation and redelivery. Celery itself is replaced by a
-list of the messages the runners send (tests/service/test_scale_out.py runs real workers)."""
+list of the messages the runners send (tests/integration/test_scale_out.py runs real workers)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The per-job memory limit is on by default (worker/limits.py): three quarters of the memory
 the worker may use, the host's or its cgroup's when lower, unless LOFTQ_WORKER_MEMORY_LIMIT_BYTES
 says otherwise (``0``/``off``: none). Applied in a real child process, as the Celery pool child
-applies it before each task; tests/service/test_worker_faults.py runs jobs against it."""
+applies it before each task; tests/integration/test_worker_faults.py runs jobs against it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 starts its watchdog as a worker's pool child does) and then holds the GIL in a backtracking
 regex, sleeps, or is stopped. Each failure of the pair is played for real: the job stuck, the
 job dead, the watchdog dead, the lease taken, the deadline passed; and the fenced end write.
-tests/service/test_stuck_jobs.py plays the stuck job through Celery, the API and the sweeper."""
+tests/integration/test_stuck_jobs.py plays the stuck job through Celery, the API and the sweeper."""
 
 from __future__ import annotations
 
