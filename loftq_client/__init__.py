@@ -15,12 +15,24 @@ imports torch, the conversion engine or the server package.
         job = client.create_job("s3://models/llama-3-8b/", calibration_data="s3://datasets/calib.txt",
                                 objective="activation", calibration={"samples": 128, "evaluate": True})
         print(client.wait(job.id).summary.evaluation)
+
+        # Webhooks: the signing secret is in this answer only; keep it to verify webhook-signature.
+        job = client.create_job("s3://models/llama-3-8b/", webhook_url="https://hooks.example.com/loftq",
+                                webhook_events=["job.succeeded", "job.failed"])
+        secret = job.webhook_secret
+        print([(d.event, d.state, d.last_status) for d in client.webhook_deliveries(job.id)])
+
+        # Remove a job and its artifacts (a running one is cancelled first, then removed).
+        if client.delete_job(job.id) is not None:
+            client.wait_deleted(job.id, timeout=600)
 """
 
 from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, LoftQClientError, UnsafeArtifactPath, parse_sse
 from loftq_client.models import (
+    DEFAULT_WEBHOOK_EVENTS,
     FINISHED_STATES,
     JOB_STATES,
+    WEBHOOK_EVENTS,
     Artifact,
     ArtifactList,
     Calibration,
@@ -36,11 +48,15 @@ from loftq_client.models import (
     Progress,
     Refinement,
     Upload,
+    WebhookDelivery,
+    WebhookDeliveryList,
 )
 
 __all__ = [
+    "DEFAULT_WEBHOOK_EVENTS",
     "FINISHED_STATES",
     "JOB_STATES",
+    "WEBHOOK_EVENTS",
     "ApiError",
     "Artifact",
     "ArtifactList",
@@ -61,5 +77,7 @@ __all__ = [
     "Refinement",
     "UnsafeArtifactPath",
     "Upload",
+    "WebhookDelivery",
+    "WebhookDeliveryList",
     "parse_sse",
 ]

@@ -10,6 +10,10 @@
     loftq-jobs list --state running
     loftq-jobs logs JOB_ID --follow
     loftq-jobs download JOB_ID ./out
+    loftq-jobs submit s3://models/llama-3-8b/ --webhook-url https://hooks.example.com/loftq \
+        --webhook-event job.succeeded --webhook-event job.failed   # the signing secret is printed once
+    loftq-jobs webhooks JOB_ID
+    loftq-jobs delete JOB_ID --wait
 
 API errors print ``error [code] message`` on stderr and exit with status 2.
 """
@@ -28,10 +32,11 @@ import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from loftq_client.client import ApiError, ChecksumMismatch, LoftQClient, LoftQClientError, UnsafeArtifactPath
-from loftq_client.models import Evaluation, Event, Job, Refinement
+from loftq_client.models import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, Evaluation, Event, Job, Refinement, WebhookDelivery
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_ERROR = 2  # API, network or checksum error
@@ -166,6 +171,21 @@ def _fmt_event(event: Event) -> str:
     return f"{_fmt_time(event.time)} {event.type} {json.dumps(event.data, sort_keys=True, default=str)}"
 
 
+def _print_whole(table: Table) -> None:
+    """Print a table on ``out``, widened past the terminal when its unbreakable cells (ids) would
+    not fit: rich would otherwise cut them short, and a cut id is useless."""
+    needed = Measurement.get(out, out.options.update_width(1 << 14), table)
+    if needed.minimum <= out.width:
+        out.print(table)
+        return
+    # Wider than the terminal anyway: leave the wrapping columns (errors) some room too.
+    Console(highlight=False, width=min(needed.maximum, needed.minimum + 30)).print(table)
+
+
+def _fmt_last(delivery: WebhookDelivery) -> tuple[str, str]:
+    return ("-" if delivery.last_status is None else str(delivery.last_status)), delivery.last_error or "-"
+
+
 @app.command()
 def submit(
     ctx: typer.Context,
@@ -219,6 +239,18 @@ def submit(
         Optional[int], typer.Option("--shards-per-part", help="With --distributed: weight shards per worker task (default 1).")
     ] = None,
     meta: Annotated[Optional[list[str]], typer.Option("--meta", help="KEY=VALUE kept with the job (repeatable).")] = None,
+    webhook_url: Annotated[
+        Optional[str],
+        typer.Option("--webhook-url", help="POST the job's events here (http(s)://), signed as Standard Webhooks specifies."),
+    ] = None,
+    webhook_event: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--webhook-event",
+            help=f"Event to send to --webhook-url (repeatable): {', '.join(WEBHOOK_EVENTS)}. "
+            "Default: every change of state, not job.progress.",
+        ),
+    ] = None,
     idempotency_key: Annotated[Optional[str], typer.Option("--idempotency-key", help="Resubmitting with the same key returns the same job.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish, with a progress bar on stderr.")] = False,
     poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls with --wait.")] = 2.0,
@@ -248,6 +280,8 @@ def submit(
             calibration_data=calibration_data,
             distributed=distributed,
             shards_per_part=shards_per_part,
+            webhook_url=webhook_url,
+            webhook_events=webhook_event or None,
             objective=objective,
             calibration={
                 "samples": calib_samples,
@@ -269,6 +303,19 @@ def submit(
             },
         )
         typer.echo(job.id)
+        if job.webhook_secret:
+            typer.echo(f"webhook secret: {job.webhook_secret}", err=True)
+            typer.echo(
+                "This secret is shown only once: keep it to verify the webhook-signature header of each "
+                "delivery (Standard Webhooks).",
+                err=True,
+            )
+        elif webhook_url:
+            typer.echo(
+                "No webhook secret in this answer: it is shown only once, when the job is created "
+                "(a replayed --idempotency-key returns the job without it).",
+                err=True,
+            )
         if not wait:
             return
         job = client.wait(job.id, poll_interval=poll_interval, timeout=timeout, progress=True)
@@ -321,6 +368,9 @@ def status(
             rows.append(("options", json.dumps(job.request.options, sort_keys=True, default=str)))
         if job.request.metadata:
             rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in job.request.metadata.items())))
+        if job.request.webhook_url:
+            events = job.request.webhook_events_filter or DEFAULT_WEBHOOK_EVENTS
+            rows.append(("webhook", f"{job.request.webhook_url} ({', '.join(events)})"))
     rows.append(("output", job.output or "-"))
     if job.summary is not None:
         s = job.summary
@@ -386,6 +436,65 @@ def cancel(
     with _client(ctx) as client:
         job = client.cancel_job(job_id)
     typer.echo(f"{job.id} {job.state}")
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="If the job was running, wait until its worker has stopped and it is removed.")
+    ] = False,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls with --wait.")] = 2.0,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Delete a job with its artifacts and events. A running job is cancelled first and removed
+    once its worker stops (with --wait, this waits for that)."""
+    with _client(ctx) as client:
+        job = client.delete_job(job_id)
+        if job is None:
+            typer.echo(f"{job_id} deleted")
+            return
+        if not wait:
+            typer.echo(f"{job.id} {job.state}; it is removed once its worker stops")
+            return
+        typer.echo(f"{job.id} {job.state}; it is removed once its worker stops; waiting…", err=True)
+        try:
+            client.wait_deleted(job_id, poll_interval=poll_interval, timeout=timeout)
+        except TimeoutError as exc:
+            raise _fail(
+                "timeout", f"{exc}. Check later with `loftq-jobs status {job_id}` (job_not_found once it is removed)."
+            ) from None
+    typer.echo(f"{job_id} deleted")
+
+
+@app.command()
+def webhooks(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the deliveries as a JSON array.")] = False,
+) -> None:
+    """List a job's webhook deliveries (its own webhook and its tenant's), oldest first."""
+    with _client(ctx) as client:
+        deliveries = client.webhook_deliveries(job_id)
+    if as_json:
+        typer.echo(json.dumps([d.model_dump(mode="json") for d in deliveries], indent=2))
+        return
+    if not deliveries:
+        typer.echo(f"{job_id}: no webhook deliveries", err=True)
+        return
+    table = Table()
+    table.add_column("ID", no_wrap=True)
+    table.add_column("EVENT", no_wrap=True)
+    table.add_column("TARGET", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("ATTEMPTS", no_wrap=True, justify="right")
+    table.add_column("HTTP", no_wrap=True, justify="right")
+    table.add_column("LAST ERROR", overflow="fold")
+    for d in deliveries:
+        status, error = _fmt_last(d)
+        table.add_row(escape(d.id), escape(d.event), escape(d.target), escape(d.state), str(d.attempts), status, escape(error))
+    _print_whole(table)
 
 
 @app.command()

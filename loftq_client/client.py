@@ -19,7 +19,18 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from loftq_client.models import Artifact, ArtifactList, Event, EventPage, Job, JobPage, Upload, UploadTarget
+from loftq_client.models import (
+    Artifact,
+    ArtifactList,
+    Event,
+    EventPage,
+    Job,
+    JobPage,
+    Upload,
+    UploadTarget,
+    WebhookDelivery,
+    WebhookDeliveryList,
+)
 
 USER_AGENT = "loftq-client/0.1"
 _CHUNK = 1 << 20
@@ -199,6 +210,8 @@ class LoftQClient:
         calibration_data: str | None = None,
         distributed: bool = False,
         shards_per_part: int | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Iterable[str] | None = None,
         **options: Any,
     ) -> Job:
         """Submit a conversion. ``options`` are engine options (quant, bits, rank, lora_alpha, iters,
@@ -210,7 +223,13 @@ class LoftQClient:
         ``s3://bucket/prefix/`` or ``file:///path``), needed when ``objective`` is not "weight",
         ``refine`` is not "none" or ``calibration["evaluate"]`` is true. ``distributed`` spreads
         the weight shards over several workers (``shards_per_part`` to a task) and merges them;
-        the artifacts are the same; not for calibrated jobs (422)."""
+        the artifacts are the same; not for calibrated jobs (422).
+
+        ``webhook_url`` (http:// or https://) is sent the job's events, signed as Standard Webhooks
+        specifies; ``webhook_events`` picks them among ``WEBHOOK_EVENTS`` (default: every change of
+        state, not job.progress). The signing secret is ``webhook_secret`` of the returned Job, and
+        of this answer only: keep it to verify the ``webhook-signature`` header. An address the
+        operator does not allow (private, loopback) is ``ApiError`` 422 ``webhook_not_allowed``."""
         body: dict[str, Any] = {
             "source": source,
             "output": output,
@@ -223,6 +242,10 @@ class LoftQClient:
             body["distributed"] = True
         if shards_per_part is not None:
             body["shards_per_part"] = shards_per_part
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
+        if webhook_events is not None:
+            body["webhook_events_filter"] = [webhook_events] if isinstance(webhook_events, str) else list(webhook_events)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.model_validate(self._json("POST", "/v1/jobs", json=body, headers=headers))
 
@@ -248,6 +271,26 @@ class LoftQClient:
 
     def cancel_job(self, job_id: str) -> Job:
         return Job.model_validate(self._json("POST", f"/v1/jobs/{_q(job_id)}/cancel"))
+
+    def delete_job(self, job_id: str) -> Job | None:
+        """Remove a job: its artifacts, record and events. ``None`` when it was removed at once (a
+        queued or finished job, HTTP 204); the cancelling Job when it was running (HTTP 202): it is
+        removed once its worker has stopped (see :meth:`wait_deleted`). A job that is unknown or
+        already deleted is ``ApiError`` 404 ``job_not_found``."""
+        path = f"/v1/jobs/{_q(job_id)}"
+        response = self._request("DELETE", path)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return Job.model_validate(response.json())
+        except ValueError:
+            raise ApiError(response.status_code, "invalid_response", f"expected a job from DELETE {path}") from None
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """Every webhook delivery of the job (to its own webhook_url and its tenant's), oldest
+        first: state (pending, delivered, failed), attempts, the last HTTP status or error."""
+        data = self._json("GET", f"/v1/jobs/{_q(job_id)}/webhooks")
+        return WebhookDeliveryList.model_validate(data).deliveries
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -321,9 +364,8 @@ class LoftQClient:
                     job = self.get_job(job_id)
                     errors = 0
                 except (httpx.TransportError, ApiError) as exc:
-                    transient = isinstance(exc, httpx.TransportError) or exc.status == 429 or exc.status >= 500
                     errors += 1
-                    if not transient or errors > max_errors:
+                    if not _transient(exc) or errors > max_errors:
                         raise
                     job = None
                 if job is not None:
@@ -340,6 +382,43 @@ class LoftQClient:
         finally:
             if bar is not None:
                 bar.stop()
+
+    def wait_deleted(
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        max_errors: int = 5,
+    ) -> None:
+        """Poll until the job is gone (``GET`` answers 404 ``job_not_found``): after
+        :meth:`delete_job` returned a cancelling job, that is once its worker has stopped and the
+        job was removed. Raises ``TimeoutError`` after ``timeout`` seconds. Up to ``max_errors``
+        consecutive transient failures (network errors, 429, 5xx) are retried."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        errors = 0
+        state = "unknown"
+        while True:
+            try:
+                state = self.get_job(job_id).state
+                errors = 0
+            except ApiError as exc:
+                if exc.status == 404 and exc.code == "job_not_found":
+                    return
+                errors += 1
+                if not _transient(exc) or errors > max_errors:
+                    raise
+            except httpx.TransportError:
+                errors += 1
+                if errors > max_errors:
+                    raise
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(
+                    f"job {job_id} is not deleted after {timeout:g} s: still {state} "
+                    "(it is removed once its worker has stopped)"
+                )
+            time.sleep(poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - now)))
 
     # -- uploads --------------------------------------------------------------------------------
 
@@ -454,6 +533,11 @@ class LoftQClient:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth polling again: a network failure, 429 or a 5xx."""
+    return isinstance(exc, httpx.TransportError) or (isinstance(exc, ApiError) and (exc.status == 429 or exc.status >= 500))
 
 
 def progress_description(job: Job) -> str:

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 #: Every state the API documents (a newer server may add more).
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+#: Events a job's webhook can be sent, in the order a job goes through them (``webhook_events``).
+WEBHOOK_EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
+#: What a webhook without a filter is sent: every change of state, not progress.
+DEFAULT_WEBHOOK_EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled")
 
 
 class _Model(BaseModel):
@@ -117,6 +121,8 @@ class JobRequest(_Model):
     metadata: dict[str, str] = Field(default_factory=dict)
     distributed: bool = False
     shards_per_part: int = 1
+    webhook_url: str | None = None
+    webhook_events_filter: list[str] | None = None  # None: every change of state (DEFAULT_WEBHOOK_EVENTS)
 
 
 class Job(_Model):
@@ -132,6 +138,9 @@ class Job(_Model):
     summary: JobSummary | None = None
     attempts: int = 0
     tenant: str = "default"
+    webhook_secret: str | None = None
+    """The secret that signs this job's webhooks (``whsec_...``): set in the answer to
+    :meth:`LoftQClient.create_job` only, never again (``None`` from every other call)."""
 
     @property
     def finished(self) -> bool:
@@ -169,9 +178,34 @@ class ArtifactList(_Model):
     artifacts: list[Artifact]
 
 
+class WebhookDelivery(_Model):
+    """One event sent (or being sent) to one webhook, retried with backoff until it is answered
+    2xx or its attempts run out. ``id`` is the ``webhook-id`` header, the same on every attempt;
+    ``target`` is "job" (the job's own ``webhook_url``) or "tenant" (the tenant's webhook)."""
+
+    id: str
+    event: str  # job.started | job.progress | job.succeeded | job.failed | job.cancelled
+    target: str  # job | tenant
+    url: str
+    state: str = "pending"  # pending | delivered | failed
+    attempts: int = 0
+    created_at: datetime
+    last_attempt_at: datetime | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class WebhookDeliveryList(_Model):
+    job_id: str
+    deliveries: list[WebhookDelivery]
+
+
 __all__ = [
+    "DEFAULT_WEBHOOK_EVENTS",
     "FINISHED_STATES",
     "JOB_STATES",
+    "WEBHOOK_EVENTS",
     "Artifact",
     "ArtifactList",
     "Calibration",
@@ -186,6 +220,8 @@ __all__ = [
     "ModelRefinement",
     "Progress",
     "Refinement",
+    "WebhookDelivery",
+    "WebhookDeliveryList",
 ]
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from loftq_client import ApiError, ChecksumMismatch, LoftQClient, UnsafeArtifactPath, parse_sse
 from loftq_client import cli as cli_module
 from loftq_client.client import progress_description
-from loftq_client.models import Job
+from loftq_client.models import Job, WebhookDelivery
 
 BASE = "http://api.test"
 S3 = "https://s3.example.com"
@@ -32,7 +32,8 @@ def _err(status: int, code: str, message: str) -> httpx.Response:
 
 class FakeServer:
     """A dict of jobs behind the documented routes. ``script[id]`` holds patches applied one per
-    ``GET /v1/jobs/{id}`` (or the string ``"503"`` to answer one poll with an error)."""
+    ``GET /v1/jobs/{id}`` (or the string ``"503"`` to answer one poll with an error, or ``"gone"``
+    to remove the job, as its worker does once a job deleted while running has stopped)."""
 
     def __init__(self, api_key: str | None = KEY) -> None:
         self.api_key = api_key
@@ -45,6 +46,7 @@ class FakeServer:
         self.sse: dict[str, bytes] = {}
         self.script: dict[str, list[Any]] = {}
         self.idempotency: dict[str, str] = {}
+        self.deliveries: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[httpx.Request] = []
         self.transport = httpx.MockTransport(self.handle)
 
@@ -104,6 +106,9 @@ class FakeServer:
                 step = steps.pop(0)
                 if step == "503":
                     return _err(503, "unavailable", "redis is restarting")
+                if step == "gone":
+                    del self.jobs[job_id]
+                    return _err(404, "job_not_found", f"no job {job_id}")
                 _deep_update(job, step)
             return httpx.Response(200, json=job)
         if rest == "/cancel" and method == "POST":
@@ -111,6 +116,14 @@ class FakeServer:
                 return _err(409, "invalid_transition", f"job is {job['state']}")
             job["state"] = "cancelled" if job["state"] == "queued" else "cancelling"
             return httpx.Response(202, json=job)
+        if rest == "" and method == "DELETE":
+            if job["state"] in ("running", "cancelling"):  # removed once its worker stops
+                job["state"] = "cancelling"
+                return httpx.Response(202, json=job)
+            del self.jobs[job_id]
+            return httpx.Response(204)
+        if rest == "/webhooks" and method == "GET":
+            return httpx.Response(200, json={"job_id": job_id, "deliveries": self.deliveries.get(job_id, [])})
         if rest == "/events" and method == "GET":
             return self._events(job_id, request)
         if rest == "/events/stream" and method == "GET":
@@ -142,10 +155,15 @@ class FakeServer:
             job["request"] = {"source": body["source"], "output": body.get("output"),
                               "options": body.get("options", {}), "metadata": body.get("metadata", {}),
                               "calibration_data": body.get("calibration_data"),
-                              **{k: body[k] for k in ("distributed", "shards_per_part") if k in body}}
+                              **{k: body[k] for k in ("distributed", "shards_per_part") if k in body},
+                              "webhook_url": body.get("webhook_url"),
+                              "webhook_events_filter": body.get("webhook_events_filter")}
             if key:
                 self.idempotency[key] = job["id"]
-        return httpx.Response(202, json=job, headers={"Location": f"/v1/jobs/{job['id']}"})
+            if body.get("webhook_url"):  # the secret is in this answer only, never stored in the record
+                return httpx.Response(202, json={**job, "webhook_secret": f"whsec_{job['id']}c2VjcmV0"},
+                                      headers={"Location": f"/v1/jobs/{job['id']}"})
+        return httpx.Response(202, json={**job, "webhook_secret": None}, headers={"Location": f"/v1/jobs/{job['id']}"})
 
     def _list(self, request: httpx.Request) -> httpx.Response:
         params = request.url.params
@@ -686,3 +704,234 @@ def test_cli_api_key_option(server: FakeServer, run_cli) -> None:
     assert result.exit_code == 2 and "unauthorized" in result.output
     assert run_cli.made[-1][1] == "other-key"
     assert run_cli("status", job["id"]).exit_code == 0 and run_cli.made[-1][1] == KEY
+
+
+# -- deleting jobs --------------------------------------------------------------------------------
+
+
+def test_delete_job_removed_at_once(server: FakeServer) -> None:
+    queued = server.add_job()["id"]
+    finished = server.add_job(state="succeeded")["id"]
+    with server.client() as client:
+        assert client.delete_job(queued) is None
+        assert client.delete_job(finished) is None
+        with pytest.raises(ApiError) as info:
+            client.get_job(finished)
+    assert (info.value.status, info.value.code) == (404, "job_not_found")
+    deletes = [r for r in server.requests if r.method == "DELETE"]
+    assert [r.url.path for r in deletes] == [f"/v1/jobs/{queued}", f"/v1/jobs/{finished}"]
+    assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in deletes)
+    assert server.jobs == {}
+
+
+def test_delete_running_job_returns_the_cancelling_job(server: FakeServer) -> None:
+    job_id = server.add_job(state="running", progress={"stage": "converting", "layers_done": 2, "layers_total": 8})["id"]
+    with server.client() as client:
+        job = client.delete_job(job_id)
+    assert isinstance(job, Job) and job.id == job_id and job.state == "cancelling"
+    assert job.progress.layers_done == 2 and job_id in server.jobs  # still there until its worker stops
+
+
+def test_delete_job_not_found(server: FakeServer) -> None:
+    job_id = server.add_job(state="failed")["id"]
+    with server.client() as client:
+        assert client.delete_job(job_id) is None
+        with pytest.raises(ApiError) as info:
+            client.delete_job(job_id)  # deleting again
+    assert (info.value.status, info.value.code) == (404, "job_not_found")
+
+
+def test_delete_job_unexpected_body() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(202, text="accepted"))
+    with LoftQClient(BASE, transport=transport) as client, pytest.raises(ApiError) as info:
+        client.delete_job("x")
+    assert info.value.code == "invalid_response"
+
+
+def test_wait_deleted_polls_until_gone(server: FakeServer) -> None:
+    job_id = server.add_job(state="running")["id"]
+    server.script[job_id] = [{}, "503", {"state": "cancelled"}, "gone"]
+    with server.client() as client:
+        assert client.delete_job(job_id).state == "cancelling"
+        assert client.wait_deleted(job_id, poll_interval=0.001, timeout=5) is None
+    assert server.script[job_id] == [] and job_id not in server.jobs
+    gets = [r for r in server.requests if r.method == "GET"]
+    assert len(gets) == 4
+
+
+def test_wait_deleted_times_out_and_refuses_other_errors(server: FakeServer) -> None:
+    job_id = server.add_job(state="cancelling")["id"]
+    with server.client() as client, pytest.raises(TimeoutError, match=f"job {job_id} is not deleted after 0.05 s: still cancelling"):
+        client.wait_deleted(job_id, poll_interval=0.01, timeout=0.05)
+
+    def forbidden(request: httpx.Request) -> httpx.Response:
+        return _err(403, "forbidden", "no")
+    with LoftQClient(BASE, transport=httpx.MockTransport(forbidden)) as client, pytest.raises(ApiError, match="forbidden"):
+        client.wait_deleted("x", poll_interval=0.001)
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+DELIVERIES = [
+    {"id": "msg_0123456789abcdef0123456789abcdef", "event": "job.started", "target": "job",
+     "url": "https://hooks.example.com/loftq", "state": "delivered", "attempts": 1, "created_at": T0,
+     "last_attempt_at": "2024-05-01T12:00:01Z", "last_status": 204, "last_error": None,
+     "delivered_at": "2024-05-01T12:00:01Z"},
+    {"id": "msg_fedcba9876543210fedcba9876543210", "event": "job.succeeded", "target": "tenant",
+     "url": "https://tenant.example.com/hook", "state": "pending", "attempts": 3, "created_at": T0,
+     "last_attempt_at": "2024-05-01T12:01:00Z", "last_status": 503, "last_error": "HTTP 503 from the receiver",
+     "delivered_at": None},
+    {"id": "msg_00000000000000000000000000000042", "event": "job.failed", "target": "job",
+     "url": "https://hooks.example.com/loftq", "state": "failed", "attempts": 8, "created_at": T0,
+     "last_attempt_at": None, "last_status": None, "last_error": "connection refused", "delivered_at": None},
+]
+
+
+def test_create_job_sends_webhook_and_parses_the_secret(server: FakeServer) -> None:
+    with server.client() as client:
+        job = client.create_job("s3://models/tiny/", webhook_url="https://hooks.example.com/loftq",
+                                webhook_events=("job.succeeded", "job.failed"))
+        assert job.webhook_secret == "whsec_job001c2VjcmV0"
+        assert job.request.webhook_url == "https://hooks.example.com/loftq"
+        assert job.request.webhook_events_filter == ["job.succeeded", "job.failed"]
+        assert client.get_job(job.id).webhook_secret is None  # shown once only
+        single = client.create_job("s3://models/tiny/", webhook_url="https://h.example.com/", webhook_events="job.progress")
+        plain = client.create_job("s3://models/tiny/")
+    body = json.loads(server.requests[0].content)
+    assert body["webhook_url"] == "https://hooks.example.com/loftq"
+    assert body["webhook_events_filter"] == ["job.succeeded", "job.failed"]
+    assert "webhook_events" not in body["options"]  # a webhook argument, not an engine option
+    assert json.loads(server.requests[2].content)["webhook_events_filter"] == ["job.progress"]
+    assert single.webhook_secret is not None
+    plain_body = json.loads(server.requests[-1].content)
+    assert "webhook_url" not in plain_body and "webhook_events_filter" not in plain_body  # server defaults
+    assert plain.webhook_secret is None and plain.request.webhook_url is None
+
+
+def test_webhook_deliveries_parse(server: FakeServer) -> None:
+    job_id = server.add_job(state="succeeded")["id"]
+    server.deliveries[job_id] = [{**DELIVERIES[0], "added_later": True}, *DELIVERIES[1:]]
+    with server.client() as client:
+        deliveries = client.webhook_deliveries(job_id)
+        assert client.webhook_deliveries(server.add_job()["id"]) == []
+        with pytest.raises(ApiError) as info:
+            client.webhook_deliveries("missing")
+    assert info.value.code == "job_not_found"
+    assert isinstance(deliveries[0], WebhookDelivery)
+    assert [(d.id, d.event, d.target, d.state, d.attempts) for d in deliveries] == [
+        (d["id"], d["event"], d["target"], d["state"], d["attempts"]) for d in DELIVERIES
+    ]
+    first, second, third = deliveries
+    assert first.last_status == 204 and first.delivered_at.second == 1 and first.model_extra["added_later"] is True
+    assert second.last_error == "HTTP 503 from the receiver" and second.delivered_at is None
+    assert third.last_attempt_at is None and third.last_status is None
+    assert server.requests[0].url.path == f"/v1/jobs/{job_id}/webhooks"
+
+
+def test_package_exports_the_webhook_models() -> None:
+    import loftq_client
+
+    assert loftq_client.WebhookDelivery is WebhookDelivery
+    assert loftq_client.WebhookDeliveryList.model_validate({"job_id": "j", "deliveries": DELIVERIES}).deliveries[2].attempts == 8
+    assert loftq_client.WEBHOOK_EVENTS[1] == "job.progress" and "job.progress" not in loftq_client.DEFAULT_WEBHOOK_EVENTS
+    assert {"WebhookDelivery", "WebhookDeliveryList", "WEBHOOK_EVENTS"} <= set(loftq_client.__all__)
+
+
+# -- CLI: delete and webhooks ---------------------------------------------------------------------
+
+
+def test_cli_delete(server: FakeServer, run_cli) -> None:
+    server.add_job(state="succeeded")
+    server.add_job(state="running")
+    result = run_cli("delete", "job001")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job001 deleted" and "job001" not in server.jobs
+    result = run_cli("delete", "job002")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job002 cancelling; it is removed once its worker stops"
+    result = run_cli("delete", "job001")
+    assert result.exit_code == 2 and result.stderr.strip() == "error [job_not_found] no job job001"
+
+
+def test_cli_delete_wait(server: FakeServer, run_cli) -> None:
+    server.add_job(state="running")
+    server.script["job001"] = [{}, "503", {"state": "cancelled"}, "gone"]
+    result = run_cli("delete", "job001", "--wait", "--poll-interval", "0.001", "--timeout", "10")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job001 deleted"
+    assert "job001 cancelling; it is removed once its worker stops" in result.stderr
+    assert server.script["job001"] == [] and "job001" not in server.jobs
+
+    server.add_job(state="queued")  # removed at once: --wait has nothing to wait for
+    result = run_cli("delete", "job002", "--wait")
+    assert result.exit_code == 0 and result.stdout.strip() == "job002 deleted"
+
+
+def test_cli_delete_wait_timeout(server: FakeServer, run_cli) -> None:
+    server.add_job(state="running")
+    result = run_cli("delete", "job001", "--wait", "--poll-interval", "0.01", "--timeout", "0.05")
+    assert result.exit_code == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error [timeout] job job001 is not deleted after 0.05 s: still cancelling")
+    assert "loftq-jobs status job001" in error and result.stdout == ""
+
+
+def test_cli_submit_webhook(server: FakeServer, run_cli) -> None:
+    result = run_cli("submit", "s3://models/tiny/", "--webhook-url", "https://hooks.example.com/loftq",
+                     "--webhook-event", "job.succeeded", "--webhook-event", "job.progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "job001"  # the secret never goes to stdout
+    assert "whsec_job001c2VjcmV0" in result.stderr and "whsec_" not in result.stdout
+    assert "shown only once" in result.stderr and "webhook-signature" in result.stderr
+    assert "Standard Webhooks" in result.stderr
+    request = server.jobs["job001"]["request"]
+    assert request["webhook_url"] == "https://hooks.example.com/loftq"
+    assert request["webhook_events_filter"] == ["job.succeeded", "job.progress"]
+
+    result = run_cli("submit", "s3://models/tiny/")
+    assert result.exit_code == 0 and "secret" not in result.stderr
+    assert server.jobs["job002"]["request"]["webhook_url"] is None
+
+    # A replayed Idempotency-Key answers without the secret: say so rather than print nothing.
+    run_cli("submit", "s3://models/tiny/", "--webhook-url", "https://h.example.com/", "--idempotency-key", "k")
+    result = run_cli("submit", "s3://models/tiny/", "--webhook-url", "https://h.example.com/", "--idempotency-key", "k")
+    assert result.exit_code == 0 and result.stdout.strip() == "job003"
+    assert "whsec_" not in result.stderr and "shown only once" in result.stderr
+
+
+def test_cli_status_shows_the_webhook(server: FakeServer, run_cli) -> None:
+    server.add_job(request={"source": "s3://m/", "options": {}, "metadata": {},
+                            "webhook_url": "https://hooks.example.com/loftq", "webhook_events_filter": None})
+    result = run_cli("status", "job001")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "https://hooks.example.com/loftq (job.started, job.succeeded, job.failed, job.cancelled)" in out
+
+
+def test_cli_webhooks_table(server: FakeServer, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "60")  # narrower than the table: ids must still come out whole
+    job_id = server.add_job(state="succeeded")["id"]
+    server.deliveries[job_id] = DELIVERIES
+    result = run_cli("webhooks", job_id)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for delivery in DELIVERIES:
+        (row,) = [line for line in lines if delivery["id"] in line]  # whole, on one line
+        assert delivery["event"] in row and delivery["target"] in row and delivery["state"] in row
+    rows = {d["id"]: next(line for line in lines if d["id"] in line) for d in DELIVERIES}
+    assert re.search(r"\b8\b", rows[DELIVERIES[2]["id"]]) and "connection" in rows[DELIVERIES[2]["id"]]
+    assert "204" in rows[DELIVERIES[0]["id"]] and "503" in rows[DELIVERIES[1]["id"]]
+    assert "receiver" in result.stdout  # errors may wrap, never vanish
+
+    result = run_cli("webhooks", job_id, "--json")
+    assert result.exit_code == 0, result.output
+    parsed = json.loads(result.stdout)
+    assert [d["id"] for d in parsed] == [d["id"] for d in DELIVERIES]
+    assert parsed[1]["last_status"] == 503 and parsed[0]["url"] == "https://hooks.example.com/loftq"
+
+    empty = server.add_job()["id"]
+    result = run_cli("webhooks", empty)
+    assert result.exit_code == 0 and result.stdout == "" and "no webhook deliveries" in result.stderr
+    assert json.loads(run_cli("webhooks", empty, "--json").stdout) == []
+    result = run_cli("webhooks", "missing")
+    assert result.exit_code == 2 and "job_not_found" in result.stderr
