@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))  # also when loaded by file path (bench/
 from decoder import SMALL_SHAPE, TOKENIZER_VOCAB, build_tokenizer, read_documents  # noqa: E402,F401
 from decoder import train_decoder as _train_decoder  # noqa: E402
 
+from loftq.quantizers import QUANTIZERS  # noqa: E402  (torch-free: the registry's names and widths)
+
 DEFAULT_DATA = ROOT / "tests" / "data" / "calibration.txt"
 DECODER_SHAPE = SMALL_SHAPE
 # Calibration settings per model: (samples, seq_len, eval_samples). The default text has 202
@@ -302,8 +304,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=["minilm", "decoder"], default=["minilm", "decoder"])
     parser.add_argument("--iters", type=int, nargs="+", default=[1], help="LoftQ iterations T to run (e.g. 1 5)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--quant", default="nf4", help="quantizer of every row (nf4, fp4, nf3, nf2, int)")
-    parser.add_argument("--bits", type=int, default=None, help="bits (implied by nf4/fp4/nf3/nf2; needed by int)")
+    parser.add_argument("--quant", default="nf4", choices=list(QUANTIZERS), help="quantizer of every row")
+    parser.add_argument("--bits", type=int, default=None, help="bits (implied by a fixed-width quantizer; int: 2..8, default 4)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="calibration text (.txt/.jsonl/dir); the decoder's tokenizer and training use it too")
     parser.add_argument("--train-steps", type=int, default=300, help="AdamW steps of the generated decoder")
@@ -316,7 +318,7 @@ def main() -> int:
     if args.from_json:
         print_results(json.loads(args.from_json.read_text()))
         return 0
-    bits = args.bits or {"nf4": 4, "fp4": 4, "nf3": 3, "nf2": 2, "int8": 8}.get(args.quant, 4)
+    bits = args.bits or QUANTIZERS[args.quant].fixed_bits or 4
 
     import torch
     import transformers

@@ -23,17 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from loftq.options import ConvertOptions
-from loftq.quantizers import FP4_CODE, NF4_CODE, Quantizer, pack_4bit
+from loftq.quantizers.base import Quantizer
+from loftq.quantizers.bnb4bit import pack_4bit
+from loftq.quantizers.registry import QUANTIZERS
 from loftq.safetensors_io import TensorInfo
 from loftq.targets import ModelLayout, Target
 
 Entry = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype, shape)
-
-# Quantizers whose stored Q is re-quantized by a bitsandbytes loader; the others are
-# fake-quantized formats and load as the stored tensor itself.
-_BNB_LOADED = {"nf4", "fp4", "int8"}
-
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +46,10 @@ class Backbone:
         if self.packed:  # codes and absmax of Q are stored; bnb dequantizes to the source dtype
             return self.quantizer.dequantize(self.quantizer.quantize(q), dtype=source_dtype).float()
         stored = q.to(source_dtype)
-        if self.options.quant not in _BNB_LOADED:
+        reload = QUANTIZERS[self.options.quant].bnb_reload
+        if reload is None:  # a fake-quantized format loads as the stored tensor itself
             return stored.float()
-        if self.options.quant == "int8":  # bitsandbytes' Int8Params quantizes an fp16 copy
+        if reload == "float16":  # bitsandbytes' Int8Params quantizes an fp16 copy
             stored = stored.half()
         return self.quantizer.dequantize(self.quantizer.quantize(stored), dtype=source_dtype).float()
 
@@ -80,7 +77,7 @@ class Backbone:
         return [
             (info.name, pack_4bit(quantized.codes, pad=self.quantizer.zero_code)),
             (f"{info.name}.absmax", quantized.scales.float().cpu()),
-            (f"{info.name}.quant_map", (NF4_CODE if self.options.quant == "nf4" else FP4_CODE).clone()),
+            (f"{info.name}.quant_map", self.quantizer.code.clone()),  # nf4's or fp4's table, as bnb stores it
             (f"{info.name}.quant_state.bitsandbytes__{self.options.quant}", state),
         ]
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from loftq.errors import CorruptCheckpoint, NoSafetensors, PickleCheckpoint, UnsupportedCheckpoint
-from loftq.storage import safe_relative
+from loftq.storage import MANIFEST_NAME, REPORT_NAME, safe_relative
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files a LoftQ conversion writes; never copied from a source that happens to hold them.
-OUTPUT_ONLY = ("manifest.json", "loftq_report.json")
+OUTPUT_ONLY = (MANIFEST_NAME, REPORT_NAME)
 OUTPUT_DIRS = ("loftq_init", ".loftq-partial")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,15 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from loftq.errors import InvalidCalibrationData, InvalidOptions, LoftQError
-from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
+from loftq.options import CalibrationNeed, CalibrationOptions, ConvertOptions, RefineOptions
 from loftq.plot import PLOT_NAME, model_order
+from loftq.quantizers.registry import BITS_HELP, QUANT_HELP
 from loftq.report import LayerReport, ProgressEvent
+from loftq.storage import MANIFEST_NAME, REPORT_NAME, sha256_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn Hugging Face checkpoints into LoftQ checkpoints.")
 console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 
-FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
 # CLI flag -> CalibrationOptions field; the flags carry a prefix where the bare name would be ambiguous.
 CALIBRATION_FLAGS = {
     "calib_samples": "samples",
@@ -118,8 +118,6 @@ def _options_from_flags(
         raise TypeError(f"unknown flags: {sorted(unknown)}")
     if target and target_regex:
         raise InvalidOptions("use --target or --target-regex, not both")
-    if bits is None and (quant or "nf4") in FIXED_BITS:
-        bits = FIXED_BITS[quant or "nf4"]
     given = {
         "quant": quant,
         "bits": bits,
@@ -154,32 +152,27 @@ def _options_from_flags(
         raise InvalidOptions("; ".join(problems)) from None
 
 
-def _as_flags(reason: str) -> str:
-    """``options.calibration_reason`` in the words the user typed: its leading ``field='value'``
-    (or bare ``field``) becomes ``--flag value``; text in another shape is kept as it is."""
-    match = re.match(r"(\w+)(?:=(['\"]?)(.*?)\2)?(?=\s|$)", reason)
-    flag = None if match is None else next((flag for path, flag in _FLAG_OF.items() if path.rsplit(".", 1)[-1] == match[1]), None)
-    if match is None or flag is None:
-        return reason
-    return flag + (f" {match[3]}" if match[3] is not None else "") + reason[match.end() :]
+def _as_flags(need: CalibrationNeed) -> str:
+    """``options.calibration_need`` in the words the user typed: ``--refine block refines ...``."""
+    return f"{_FLAG_OF[need.field]}{'' if need.value is None else f' {need.value}'} {need.message}"
 
 
 def _check_calibration_data(calibration_data: Path | None, options: ConvertOptions) -> str | None:
     """Fail before torch is loaded on what is wrong in the flags alone; return a note for a no-op combination.
 
-    Whether the options need text is ``options.calibration_reason``'s to say (the rule is written once).
+    Whether the options need text is ``options.calibration_need``'s to say (the rule is written once).
     The text itself (formats, enough tokens) is checked by the converter, which reads it.
     """
-    reason = options.calibration_reason
+    need = options.calibration_need
     if calibration_data is None:
-        if reason is not None:
-            raise InvalidOptions(f"{_as_flags(reason)}: give --calibration-data PATH")
+        if need is not None:
+            raise InvalidOptions(f"{_as_flags(need)}: give --calibration-data PATH")
         return None
     if not calibration_data.exists():
         raise InvalidCalibrationData(f"{calibration_data}: no such file or directory")
     if not (calibration_data.is_file() or calibration_data.is_dir()):
         raise InvalidCalibrationData(f"{calibration_data}: neither a file nor a directory")
-    if reason is None:
+    if need is None:
         return (
             "--objective is weight: the calibration text only measures each layer's output error, it does not change the fit; "
             "add --objective activation (or activation-diag) to fit the layers' outputs, or --refine block to refine the adapters on it"
@@ -197,8 +190,8 @@ def _layer_progress(layer: LayerReport) -> str:
 def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + *.safetensors).")],
     out: Annotated[Path, typer.Argument(help="Output directory; an interrupted run into the same directory resumes.")],
-    quant: Annotated[str, typer.Option(help="nf4, fp4, int8 (row-wise), int (uniform block-wise), nf2, nf3.")] = "nf4",
-    bits: Annotated[Optional[int], typer.Option(help="Bits per weight; implied by nf4/fp4/int8/nf2/nf3, 2..8 for int.")] = None,
+    quant: Annotated[str, typer.Option(help=f"{QUANT_HELP}.")] = "nf4",
+    bits: Annotated[Optional[int], typer.Option(help=f"Bits per weight, implied by a fixed-width quantizer: {BITS_HELP}.")] = None,
     blocksize: Annotated[int, typer.Option(help="Elements per absmax block.")] = 64,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 16,
     alpha: Annotated[Optional[float], typer.Option(help="lora_alpha (default: r). Any value is exact: scaling is folded into A and B.")] = None,
@@ -485,14 +478,12 @@ def _layers_table(layers: list[dict[str, Any]]) -> Table:
 def inspect(
     out: Annotated[Path, typer.Argument(help="A LoftQ checkpoint directory.")],
     layers: Annotated[bool, typer.Option(help="Also list every layer's errors.")] = False,
-    verify: Annotated[bool, typer.Option(help="Check every file's size and sha256 against manifest.json.")] = False,
+    verify: Annotated[bool, typer.Option(help=f"Check every file's size and sha256 against {MANIFEST_NAME}.")] = False,
 ) -> None:
     """Print a LoftQ checkpoint's report; optionally verify its files."""
-    from loftq.safetensors_io import sha256_file
-
-    report_path, manifest_path = out / "loftq_report.json", out / "manifest.json"
+    report_path, manifest_path = out / REPORT_NAME, out / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise _fail("incomplete_checkpoint", f"{out}: no manifest.json, so this is not a finished LoftQ checkpoint")
+        raise _fail("incomplete_checkpoint", f"{out}: no {MANIFEST_NAME}, so this is not a finished LoftQ checkpoint")
     report = json.loads(report_path.read_text())
     _print_summary(report, out)
     if layers:
@@ -504,8 +495,8 @@ def inspect(
             if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
                 bad.append(entry["path"])
         if bad:
-            raise _fail("checksum_mismatch", f"{len(bad)} file(s) differ from manifest.json: {', '.join(bad[:5])}")
-        Console().print("[green]all files match manifest.json[/]")
+            raise _fail("checksum_mismatch", f"{len(bad)} file(s) differ from {MANIFEST_NAME}: {', '.join(bad[:5])}")
+        Console().print(f"[green]all files match {MANIFEST_NAME}[/]")
 
 
 if __name__ == "__main__":

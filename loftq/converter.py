@@ -1,7 +1,7 @@
-"""Orchestration of one conversion: plan, convert shard by shard, then write the small files.
+"""Orchestration of one conversion: plan, fit, convert shard by shard, then finalize.
 
-Order matters for the "never looks complete" promise: ``manifest.json`` is removed first
-and written last, so a directory with a manifest is always a finished checkpoint.
+Order matters for the "never looks complete" promise: the manifest (``MANIFEST_NAME``) is
+removed first and written last, so a directory with a manifest is always a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import json
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -25,16 +25,15 @@ from loftq.checkpoint import INDEX_NAME, SourceCheckpoint, discover
 from loftq.errors import CorruptCheckpoint, InvalidOptions
 from loftq.journal import Journal
 from loftq.options import ConvertOptions
-from loftq.quantizers import get_quantizer
-from loftq.report import LayerReport, ProgressEvent, Report, summarize
-from loftq.safetensors_io import ShardWriter, read_header, read_tensor, sha256_file
-from loftq.plot import PLOT_NAME, write_layer_plot
 from loftq.pipeline import Background, Prefetch
+from loftq.plot import PLOT_NAME, write_layer_plot
+from loftq.quantizers.registry import get_quantizer
+from loftq.report import LayerReport, ProgressEvent, Report, summarize
+from loftq.safetensors_io import ShardWriter, read_header, read_tensor
 from loftq.shard import LayerFitter, ShardResult, convert_shard, fit_concurrency, weight_space_fitter
-from loftq.storage import MANIFEST_NAME, Destination, Source
+from loftq.storage import MANIFEST_NAME, REPORT_NAME, Destination, Source, sha256_file
 from loftq.targets import ModelLayout, resolve_layout
 
-REPORT_NAME = "loftq_report.json"
 REPORT_FORMAT_VERSION = 3  # 2: objective and output errors per layer, calibration, evaluation; 3: refinement
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -85,6 +84,18 @@ class _Outputs:
     def write_json(self, name: str, data: object) -> None:
         self.destination.staging_path(name).write_text(json.dumps(data, indent=2) + "\n")
         self.publish(name)
+
+    def write_manifest(self) -> None:
+        """Last: every published file with its size and sha256, which makes the output a checkpoint."""
+        manifest = {"files": sorted(self.files.values(), key=lambda f: f["path"])}
+        self.destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        self.destination.publish(MANIFEST_NAME)
+
+
+def _options_binding(options: ConvertOptions) -> str:
+    """What the journal binds a finished shard to: the options that decide its numbers (not the device),
+    the same for a whole conversion and for its parts (convert_part)."""
+    return options.model_dump_json(exclude={"device"})
 
 
 def _checkpoint_keys(source: Source, checkpoint: SourceCheckpoint) -> set[str]:
@@ -147,7 +158,7 @@ def convert(
     same source (a scaled-out service job).
 
     Raises a :class:`loftq.errors.LoftQError` subclass for bad input or cancellation; the
-    destination then holds no ``manifest.json``.
+    destination then holds no manifest (``MANIFEST_NAME``).
     """
     options = options or ConvertOptions()
     if calibration_data is None and (reason := options.calibration_reason) is not None:
@@ -163,6 +174,180 @@ def convert(
             should_stop or (lambda: False),
             trust_parts,
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a conversion works from, all of it known before any output is written."""
+
+    source: Source
+    options: ConvertOptions
+    device: torch.device
+    checkpoint: SourceCheckpoint
+    layout: ModelLayout
+    backbone: Backbone
+    calibrated: CalibratedConversion | None
+    aux_dir: Path  # local copies of the config, tokenizer and other small files
+
+
+@dataclass(frozen=True)
+class _Fitting:
+    """Where the shard loop gets each target's fit from, and what the journal binds finished shards to."""
+
+    fitter: LayerFitter
+    concurrency: int
+    binding: str
+    calibration: CalibrationResult | None = None
+
+
+def _convert(
+    source: Source,
+    destination: Destination,
+    options: ConvertOptions,
+    calibration_data: Path | None,
+    scratch: Path,
+    emit: ProgressCallback,
+    stop: Callable[[], bool],
+    trust_parts: bool,
+) -> Report:
+    """Plan, fit, write the shards, finalize: the steps below, in that order."""
+    started = time.perf_counter()
+    planned = _make_plan(source, options, calibration_data is not None, scratch)
+    progress = _Progress(emit, len(planned.layout.targets), len(planned.checkpoint.shards))
+    progress("start")
+    fitting = _fit(planned, calibration_data, scratch, progress, stop)
+    shard_loop = _write_shards(planned, destination, fitting, progress, stop, trust_parts)
+    progress("finalize")
+    report = _finalize(planned, shard_loop, progress.layers, fitting.calibration, started)
+    progress("done")
+    return report
+
+
+def _make_plan(source: Source, options: ConvertOptions, calibrated: bool, scratch: Path) -> _Plan:
+    """Everything that can fail before any output is written (the layout, the quantizer, an
+    architecture a calibrated conversion cannot stream), and local copies of the small files."""
+    device = resolve_device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    checkpoint, config, layout = plan(source, options)
+    backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
+    calibrated_conversion = None
+    if calibrated:  # fails on an unsupported architecture before any output
+        calibrated_conversion = CalibratedConversion(source, checkpoint, config, layout, backbone, device, scratch / "fits")
+    aux_dir = scratch / "aux"  # the tokenizer is read from here
+    for name in checkpoint.aux_files:
+        with source.open_local(name) as path:
+            copy = aux_dir / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+    return _Plan(source, options, device, checkpoint, layout, backbone, calibrated_conversion, aux_dir)
+
+
+def _fit(planned: _Plan, calibration_data: Path | None, scratch: Path, progress: _Progress, stop: Callable[[], bool]) -> _Fitting:
+    """Weight space: each layer is fitted as its shard streams past. Calibrated: every layer is
+    fitted first, block by block on the calibration text, and read back from scratch while the
+    shards are written; the journal is then bound to that text too."""
+    binding = _options_binding(planned.options)
+    if planned.calibrated is None:
+        return _Fitting(weight_space_fitter(planned.backbone, planned.device), fit_concurrency(planned.device), binding)
+    data = planned.calibrated.load_data(calibration_data, planned.aux_dir)
+    fitted = 0
+    blocks = (0, 0)
+
+    def on_block(done: int, blocks_total: int) -> None:
+        nonlocal blocks
+        blocks = (done, blocks_total)
+        progress("calibration", fitted, blocks_done=done, blocks_total=blocks_total)
+
+    def on_fitted(layer: LayerReport) -> None:
+        nonlocal fitted
+        fitted += 1
+        progress("calibration", fitted, layer=layer, blocks_done=blocks[0], blocks_total=blocks[1])
+
+    (scratch / "fits").mkdir()
+    calibration = planned.calibrated.run(data, on_layer=on_fitted, on_block=on_block, should_stop=stop)
+    return _Fitting(calibration.fits, 1, f"{binding}\ncalibration data {data.sha256}", calibration)
+
+
+def _write_shards(
+    planned: _Plan, destination: Destination, fitting: _Fitting, progress: _Progress, stop: Callable[[], bool], trust_parts: bool
+) -> _ShardLoop:
+    """The small files (config.json with the bnb quantization_config when packed), then every
+    weight shard, each reused from the journal when an earlier run or a part finished it."""
+    journal = Journal(destination, fitting.binding)
+    shard_loop = _ShardLoop(planned.source, planned.checkpoint, destination, journal, planned.layout, planned.backbone)
+    destination.remove(MANIFEST_NAME)
+    for name in planned.checkpoint.aux_files:
+        if name == "config.json":
+            config = planned.backbone.config_update(json.loads((planned.aux_dir / name).read_text()), planned.layout)
+            destination.staging_path(name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            destination.staging_path(name).write_bytes((planned.aux_dir / name).read_bytes())
+        shard_loop.outputs.publish(name)
+    shard_loop.run(
+        planned.checkpoint.shards,
+        fitting.fitter,
+        progress,
+        stop,
+        trust=trust_parts,
+        layer_events=fitting.calibration is None,  # calibrated layers were reported while they were fitted
+        concurrency=fitting.concurrency,
+    )
+    return shard_loop
+
+
+def _finalize(
+    planned: _Plan, shard_loop: _ShardLoop, layers: list[LayerReport], calibration: CalibrationResult | None, started: float
+) -> Report:
+    """The files that make the shards a checkpoint: index, adapters, report and plot, the manifest last."""
+    outputs = shard_loop.outputs
+    if planned.checkpoint.index is not None:
+        outputs.write_json(INDEX_NAME, _output_index(planned.checkpoint, shard_loop.shard_tensors))
+    _write_adapters(shard_loop.journal, layers, planned.options.rank, outputs)
+    outputs.write_json(ADAPTER_CONFIG, adapter_config(planned.options, planned.layout, planned.source.name))
+    report = _report(planned, layers, calibration, shard_loop.resumed, started)
+    try:  # a plot is a convenience: a failure to draw it must not fail the conversion
+        write_layer_plot(report.to_dict(), outputs.destination.staging_path(PLOT_NAME))
+    except Exception as exc:  # noqa: BLE001 - matplotlib fails in many ways (fonts, cache dirs)
+        report.warnings.append(f"the per-layer plot could not be drawn: {exc}")
+    else:  # a drawn plot is an artifact like any other: failing to store it fails the job
+        outputs.publish(PLOT_NAME)
+    outputs.write_json(REPORT_NAME, report.to_dict())
+    outputs.write_manifest()
+    shard_loop.journal.clear()
+    return report
+
+
+def _report(
+    planned: _Plan, layers: list[LayerReport], calibration: CalibrationResult | None, shards_resumed: int, started: float
+) -> Report:
+    """The report, its layers sorted in place into the model's own module order."""
+    device = planned.device
+    peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    position = {key: i for i, key in enumerate(planned.layout.targets)}
+    layers.sort(key=lambda layer: position.get(layer.key, len(position)))
+    return Report(
+        format_version=REPORT_FORMAT_VERSION,
+        source=planned.source.name,
+        architecture=planned.layout.architecture,
+        options=planned.options.model_dump(mode="json"),
+        scaling=planned.options.scaling,
+        device=str(device),
+        versions=_versions(),
+        summary=summarize(
+            layers,
+            seconds=time.perf_counter() - started,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            peak_device_mb=peak_device,
+            shards=len(planned.checkpoint.shards),
+            shards_resumed=shards_resumed,
+            evaluation=None if calibration is None else calibration.evaluation,
+        ),
+        layers=layers,
+        calibration=None if calibration is None else calibration.calibration,
+        refinement=None if calibration is None else calibration.refinement,
+        warnings=[] if calibration is None else calibration.warnings,
+    )
 
 
 def convert_part(
@@ -182,7 +367,7 @@ def convert_part(
     report and manifest. The artifacts are byte-identical to a single run's. Weight-space
     only: a calibrated conversion streams the whole model block by block, in one process.
     """
-    if options.calibration_reason is not None:
+    if options.calibration_need is not None:
         raise InvalidOptions("a calibrated conversion cannot be split into parts: it runs the model block by block in one process")
     checkpoint, _, layout = plan(source, options)
     unknown = sorted(set(shards) - set(checkpoint.shards))
@@ -191,24 +376,33 @@ def convert_part(
     device = resolve_device(options.device)
     backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
     destination.remove(MANIFEST_NAME)
-    emit = on_progress or (lambda event: None)
-    layers: list[LayerReport] = []
     total = sum(1 for t in layout.targets.values() if _shard_of(checkpoint, t.key) in shards)
-    journal = Journal(destination, options.model_dump_json(exclude={"device"}))
-    shard_loop = _ShardLoop(source, checkpoint, destination, journal, layout, backbone)
-
-    def progress(stage: str, **fields: object) -> None:
-        emit(ProgressEvent(stage, len(layers), total, shard_loop.done, len(shards), **fields))
-
-    stop = should_stop or (lambda: False)
-    shard_loop.run(list(shards), weight_space_fitter(backbone, device), layers, stop, progress, concurrency=fit_concurrency(device))
-    return layers
+    progress = _Progress(on_progress or (lambda event: None), total, len(shards))
+    shard_loop = _ShardLoop(source, checkpoint, destination, Journal(destination, _options_binding(options)), layout, backbone)
+    fitter = weight_space_fitter(backbone, device)
+    shard_loop.run(list(shards), fitter, progress, should_stop or (lambda: False), concurrency=fit_concurrency(device))
+    return progress.layers
 
 
 def _shard_of(checkpoint: SourceCheckpoint, key: str) -> str:
     if checkpoint.index is None:
         return checkpoint.shards[0]
     return checkpoint.index["weight_map"][key]
+
+
+class _Progress:
+    """Counts the layers and shards done and reports them as :class:`ProgressEvent`s."""
+
+    def __init__(self, emit: ProgressCallback, layers_total: int, shards_total: int) -> None:
+        self.emit = emit
+        self.layers_total, self.shards_total = layers_total, shards_total
+        self.layers: list[LayerReport] = []  # converted or resumed, in the order they finished
+        self.shards_done = 0  # converted or resumed (the upload may still be running)
+
+    def __call__(self, stage: str, layers_done: int | None = None, **fields: object) -> None:
+        """Report ``stage``; ``layers_done`` counts layers not in ``layers`` yet (fitted on calibration data)."""
+        done = len(self.layers) if layers_done is None else layers_done
+        self.emit(ProgressEvent(stage, done, self.layers_total, self.shards_done, self.shards_total, **fields))
 
 
 @dataclass
@@ -234,7 +428,6 @@ class _ShardLoop:
             self.indexed.setdefault(shard, set()).add(name)
         self.outputs = _Outputs(destination)
         self.shard_tensors: dict[str, dict[str, int]] = {}
-        self.done = 0
         self.resumed = 0
 
     def _open(self, shards: list[str], trust: bool) -> Iterator[_OpenedShard]:
@@ -256,16 +449,14 @@ class _ShardLoop:
         self,
         shards: list[str],
         fitter: LayerFitter,
-        layers: list[LayerReport],
+        progress: _Progress,
         stop: Callable[[], bool],
-        progress: Callable[..., None],
         *,
         trust: bool = False,
         layer_events: bool = True,
         concurrency: int = 1,
     ) -> None:
-        """``progress(stage, **fields)`` is called per layer (``layer_events``) and per shard;
-        ``self.done`` counts the finished shards (their upload may still be running)."""
+        """Convert ``shards`` into ``progress.layers``, reporting each layer (``layer_events``) and shard."""
         opened = Prefetch(self._open(shards, trust), depth=1, name="open shards", discard=lambda item: item.stack.close())
         with opened, Background(depth=1, name="publish shards") as publisher:
             for item in opened:
@@ -276,7 +467,7 @@ class _ShardLoop:
                         self._check_index(item.name, item.path)
 
                         def on_layer(layer: LayerReport, shard: str = item.name) -> None:
-                            layers.append(layer)
+                            progress.layers.append(layer)
                             if layer_events:
                                 progress("layer", layer=layer, shard=shard)
 
@@ -291,9 +482,9 @@ class _ShardLoop:
                             should_stop=stop,
                             concurrency=concurrency,
                         )
-                self.done += 1
+                progress.shards_done += 1
                 if record is not None:
-                    layers.extend(record["layers"])
+                    progress.layers.extend(record["layers"])
                     self.shard_tensors[item.name] = record["tensors"]
                     self.outputs.add(item.name, record["size"], record["sha256"])
                     self.resumed += 1
@@ -315,126 +506,6 @@ class _ShardLoop:
     def _publish(self, shard: str, result: ShardResult) -> None:
         self.outputs.publish(shard, result.sha256)
         self.journal.record(shard, result.source_sha256, result.sha256, result.size, result.tensors, result.layers, result.adapters)
-
-
-def _convert(
-    source: Source,
-    destination: Destination,
-    options: ConvertOptions,
-    calibration_data: Path | None,
-    scratch: Path,
-    emit: ProgressCallback,
-    stop: Callable[[], bool],
-    trust_parts: bool,
-) -> Report:
-    started = time.perf_counter()
-    device = resolve_device(options.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    checkpoint, config, layout = plan(source, options)
-    backbone = Backbone(options, get_quantizer(options.quant, options.bits, options.blocksize))
-    calibrated = None
-    if calibration_data is not None:  # fails on an unsupported architecture before any output
-        calibrated = CalibratedConversion(source, checkpoint, config, layout, backbone, device, scratch / "fits")
-    aux_dir = scratch / "aux"  # the tokenizer is read from here
-    for name in checkpoint.aux_files:
-        with source.open_local(name) as path:
-            copy = aux_dir / name
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes(path.read_bytes())
-
-    total = len(layout.targets)
-    layers: list[LayerReport] = []
-    shards_total = len(checkpoint.shards)
-    shard_loop: _ShardLoop | None = None
-
-    def progress(stage: str, **fields: object) -> None:
-        emit(ProgressEvent(stage, len(layers), total, 0 if shard_loop is None else shard_loop.done, shards_total, **fields))
-
-    progress("start")
-    binding = options.model_dump_json(exclude={"device"})
-    calibration: CalibrationResult | None = None
-    if calibrated is not None:
-        data = calibrated.load_data(calibration_data, aux_dir)
-        binding += f"\ncalibration data {data.sha256}"
-        fitted: list[LayerReport] = []
-        blocks = [0, 0]
-
-        def on_block(done: int, blocks_total: int) -> None:
-            blocks[:] = [done, blocks_total]
-            emit(ProgressEvent("calibration", len(fitted), total, 0, shards_total, blocks_done=done, blocks_total=blocks_total))
-
-        def on_fitted(layer: LayerReport) -> None:
-            fitted.append(layer)
-            emit(ProgressEvent("calibration", len(fitted), total, 0, shards_total, layer=layer, blocks_done=blocks[0], blocks_total=blocks[1]))
-
-        (scratch / "fits").mkdir()
-        calibration = calibrated.run(data, on_layer=on_fitted, on_block=on_block, should_stop=stop)
-        fitter, concurrency = calibration.fits, 1  # read back from scratch: nothing to compute
-    else:
-        fitter, concurrency = weight_space_fitter(backbone, device), fit_concurrency(device)
-
-    journal = Journal(destination, binding)
-    shard_loop = _ShardLoop(source, checkpoint, destination, journal, layout, backbone)
-    outputs = shard_loop.outputs
-    destination.remove(MANIFEST_NAME)
-    for name in checkpoint.aux_files:
-        if name == "config.json":
-            data_json = backbone.config_update(json.loads((aux_dir / name).read_text()), layout)
-            destination.staging_path(name).write_text(json.dumps(data_json, indent=2) + "\n")
-        else:
-            destination.staging_path(name).write_bytes((aux_dir / name).read_bytes())
-        outputs.publish(name)
-
-    # calibrated layers were reported while they were fitted
-    shard_loop.run(
-        checkpoint.shards, fitter, layers, stop, progress, trust=trust_parts, layer_events=calibrated is None, concurrency=concurrency
-    )
-
-    progress("finalize")
-    if checkpoint.index is not None:
-        outputs.write_json(INDEX_NAME, _output_index(checkpoint, shard_loop.shard_tensors))
-    _write_adapters(journal, layers, options.rank, outputs)
-    outputs.write_json(ADAPTER_CONFIG, adapter_config(options, layout, source.name))
-
-    peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    position = {key: i for i, key in enumerate(layout.targets)}  # the model's own module order
-    layers.sort(key=lambda layer: position.get(layer.key, len(position)))
-    report = Report(
-        format_version=REPORT_FORMAT_VERSION,
-        source=source.name,
-        architecture=layout.architecture,
-        options=options.model_dump(mode="json"),
-        scaling=options.scaling,
-        device=str(device),
-        versions=_versions(),
-        summary=summarize(
-            layers,
-            seconds=time.perf_counter() - started,
-            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            peak_device_mb=peak_device,
-            shards=shards_total,
-            shards_resumed=shard_loop.resumed,
-            evaluation=None if calibration is None else calibration.evaluation,
-        ),
-        layers=layers,
-        calibration=None if calibration is None else calibration.calibration,
-        refinement=None if calibration is None else calibration.refinement,
-        warnings=[] if calibration is None else calibration.warnings,
-    )
-    try:  # a plot is a convenience: a failure to draw it must not fail the conversion
-        write_layer_plot(report.to_dict(), destination.staging_path(PLOT_NAME))
-    except Exception as exc:  # noqa: BLE001 - matplotlib fails in many ways (fonts, cache dirs)
-        report.warnings.append(f"the per-layer plot could not be drawn: {exc}")
-    else:  # a drawn plot is an artifact like any other: failing to store it fails the job
-        outputs.publish(PLOT_NAME)
-    outputs.write_json(REPORT_NAME, report.to_dict())
-    manifest = {"files": sorted(outputs.files.values(), key=lambda f: f["path"])}
-    destination.staging_path(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    destination.publish(MANIFEST_NAME)
-    journal.clear()
-    progress("done")
-    return report
 
 
 def _output_index(checkpoint: SourceCheckpoint, shard_tensors: dict[str, dict[str, int]]) -> dict:

@@ -67,10 +67,6 @@ class Cancelled(LoftQError):
     code = "cancelled"
 
 
-class MissingDependency(LoftQError):
-    code = "missing_dependency"
-
-
 class InsufficientMemory(LoftQError):
     """A stage that must hold more than this machine (or the job's memory limit) has, refused
     before it starts (the model stage of refinement holds the whole model)."""

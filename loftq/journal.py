@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from loftq.report import LayerReport
 from loftq.storage import Destination
@@ -89,10 +89,6 @@ class Journal:
         path = self.destination.staging_path(self.record_name(shard))
         path.write_text(json.dumps(record))
         self.destination.publish(self.record_name(shard))
-
-    def load_adapters(self, shard: str) -> dict[str, torch.Tensor]:
-        with self.destination.open_local(self.adapters_name(shard)) as path:
-            return load_file(str(path))
 
     def clear(self) -> None:
         self.destination.remove(JOURNAL_DIR)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from loftq.errors import Cancelled, InsufficientMemory
-from loftq.quantizers import Quantized, Quantizer
+from loftq.quantizers.base import Quantized, Quantizer
 from loftq.refine import Adapters, BlockAdapters, decay, relative_adam, relative_error
 from loftq.report import ModelRefinement
 

@@ -7,13 +7,15 @@ setting means the same thing and is checked the same way everywhere.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from loftq.quantizers.registry import BITS_HELP, QUANT_HELP, QUANTIZERS
 from loftq.target_regex import compile_target_regex
 
-QuantName = Literal["nf4", "fp4", "int8", "int", "nf2", "nf3"]
+QuantName = Literal[tuple(QUANTIZERS)]  # type: ignore[valid-type]  # the registry's names, an enum in the JSON schema
 SvdMethod = Literal["exact", "randomized"]
 Objective = Literal["weight", "activation", "activation-diag"]
 BackboneFormat = Literal["dequantized", "bnb-4bit"]
@@ -33,8 +35,18 @@ def stored(info: ValidationInfo) -> bool:
     """Whether this validation reads a stored record (``STORED``) rather than a new request."""
     return bool(info.context and info.context.get("stored"))
 
-_FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
-"""Bits of the fixed-width quantizers (``int`` takes any of 2..8)."""
+
+@dataclass(frozen=True)
+class CalibrationNeed:
+    """Why a conversion needs calibration text, in parts, so each front end names the option its own way
+    (a CLI flag, a field of the job request) without parsing a sentence."""
+
+    field: str
+    """The option asking for the text, as a path in ConvertOptions: "objective", "refine" or "calibration.evaluate"."""
+    value: str | None
+    """Its value as set (``'activation'``, ``'block'``); None for a switch (evaluate)."""
+    message: str
+    """What it does with the text, e.g. "refines the adapters on calibration text"."""
 
 
 class CalibrationOptions(BaseModel):
@@ -118,8 +130,8 @@ class ConvertOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    quant: QuantName = Field("nf4", description="Quantizer family: nf4, fp4, int8 (row-wise), int (uniform block-wise), nf2, nf3.")
-    bits: int = Field(4, ge=2, le=8, description="Bits per weight. nf4/fp4 are 4, int8 is 8, nf2/nf3 are 2/3, int takes 2..8.")
+    quant: QuantName = Field("nf4", description=f"Quantizer family: {QUANT_HELP}.")
+    bits: int = Field(4, ge=2, le=8, description=f"Bits per weight, implied by a fixed-width quantizer: {BITS_HELP}.")
     blocksize: int = Field(64, ge=16, le=4096, description="Elements per absmax block (block-wise quantizers).")
     rank: int = Field(16, ge=1, le=1 << 16, description="LoRA rank r (at most the smaller side of every target layer).")
     lora_alpha: float = Field(None, gt=0, description="LoRA alpha (default: r); scaling = alpha/r (alpha/sqrt(r) with rslora).")
@@ -206,8 +218,9 @@ class ConvertOptions(BaseModel):
         if data.get("bits") is None:
             quant = data.get("quant", "nf4")
             data = {key: value for key, value in data.items() if key != "bits"}
-            if isinstance(quant, str) and quant in _FIXED_BITS:
-                data["bits"] = _FIXED_BITS[quant]
+            spec = QUANTIZERS.get(quant) if isinstance(quant, str) else None
+            if spec is not None and spec.fixed_bits is not None:
+                data["bits"] = spec.fixed_bits
         return data
 
     @model_validator(mode="after")
@@ -236,23 +249,34 @@ class ConvertOptions(BaseModel):
 
     @model_validator(mode="after")
     def _bits_match_quant(self) -> ConvertOptions:
-        fixed = _FIXED_BITS
-        if self.quant in fixed and self.bits != fixed[self.quant]:
-            raise ValueError(f"quant={self.quant} is a {fixed[self.quant]}-bit format, got bits={self.bits}")
-        if self.backbone_format == "bnb-4bit" and self.quant not in ("nf4", "fp4"):
-            raise ValueError("backbone_format='bnb-4bit' needs quant nf4 or fp4")
+        spec = QUANTIZERS[self.quant]
+        problem = spec.bits_problem(self.bits)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.backbone_format == "bnb-4bit" and not spec.bnb_4bit:
+            packable = " or ".join(name for name, spec in QUANTIZERS.items() if spec.bnb_4bit)
+            raise ValueError(f"backbone_format='bnb-4bit' needs quant {packable}")
         return self
 
     @property
-    def calibration_reason(self) -> str | None:
+    def calibration_need(self) -> CalibrationNeed | None:
         """Why these options need calibration text (None when they do not): the one place the rule is written."""
         if self.objective != "weight":
-            return f"objective={self.objective!r} fits each layer in the metric of its calibration inputs"
+            return CalibrationNeed("objective", self.objective, "fits each layer in the metric of its calibration inputs")
         if self.refine != "none":
-            return f"refine={self.refine!r} refines the adapters on calibration text"
+            return CalibrationNeed("refine", self.refine, "refines the adapters on calibration text")
         if self.calibration.evaluate:
-            return "evaluate measures the model on held-out calibration text"
+            return CalibrationNeed("calibration.evaluate", None, "measures the model on held-out calibration text")
         return None
+
+    @property
+    def calibration_reason(self) -> str | None:
+        """``calibration_need`` as one sentence naming the option by its own name: "refine='block' refines ..."."""
+        need = self.calibration_need
+        if need is None:
+            return None
+        name = need.field.rsplit(".", 1)[-1]
+        return f"{name}{'' if need.value is None else f'={need.value!r}'} {need.message}"
 
     @property
     def refines_blocks(self) -> bool:

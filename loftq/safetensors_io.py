@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
-from .pipeline import Background
-from .storage import sha256_file  # noqa: F401  (re-exported: part of this module's API)
+from loftq.errors import CorruptCheckpoint, SourceNotFound, UnsupportedCheckpoint
+from loftq.pipeline import Background
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Refuse larger headers: real ones are kilobytes, a huge length means a damaged file."""

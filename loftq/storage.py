@@ -22,6 +22,9 @@ MANIFEST_NAME = "manifest.json"
 """Written last, listing every file with its sha256: a destination holding it holds a complete
 checkpoint (here, torch-free, for the service's destinations as well as the converter)."""
 
+REPORT_NAME = "loftq_report.json"
+"""The conversion's report (``loftq.report.Report.to_dict``), listed in the manifest."""
+
 
 class Source(Protocol):
     name: str  # recorded as base_model_name_or_path

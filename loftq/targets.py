@@ -43,7 +43,6 @@ class ModelLayout:
     task_type: str | None
     targets: dict[str, Target]  # by checkpoint key
     linear_modules: list[str]  # every Linear/Conv1D module, targeted or not
-    output_embedding: str | None
     # Every Linear/Conv1D weight the checkpoint holds, by checkpoint key: the shape it must be
     # stored with (in×out for Conv1D), so a tensor that contradicts config.json is refused even
     # when it is not a target and would only be copied.
@@ -114,4 +113,4 @@ def resolve_layout(config: dict, checkpoint_keys: set[str], options: ConvertOpti
         raise NoTargetModules(f"target_modules={spec!r} matches no linear layer of this model")
     architecture = type(model).__name__
     task_type = next((t for suffix, t in _TASK_TYPES.items() if architecture.endswith(suffix)), None)
-    return ModelLayout(architecture, task_type, targets, linear, output_name, weight_shapes)
+    return ModelLayout(architecture, task_type, targets, linear, weight_shapes)

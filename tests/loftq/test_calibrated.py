@@ -12,11 +12,12 @@ import torch
 
 from loftq.adapter import ADAPTER_DIR, ADAPTER_WEIGHTS
 from loftq.calibration_data import load_calibration
-from loftq.converter import MANIFEST_NAME, REPORT_NAME, convert_directory
+from loftq.converter import convert_directory
 from loftq.errors import Cancelled, InvalidOptions, UnsupportedArchitecture
 from loftq.options import CalibrationOptions, ConvertOptions
 from loftq.plot import PLOT_NAME
 from loftq.report import ProgressEvent
+from loftq.storage import MANIFEST_NAME, REPORT_NAME
 
 SMALL = {"samples": 8, "seq_len": 32, "eval_samples": 4, "batch_size": 4}
 FAMILIES = ["calib_llama", "calib_mistral", "calib_qwen2", "calib_gemma", "calib_gemma2", "calib_gpt2", "calib_bert"]

@@ -212,7 +212,7 @@ def test_calibration_data_checks(tmp_path: Path) -> None:
     ],
 )
 def test_missing_calibration_data_names_the_flag_that_needs_it(options: ConvertOptions, message: str) -> None:
-    """The refusal is ``options.calibration_reason`` in flags, so the user sees which flag asked for the text."""
+    """The refusal is ``options.calibration_need`` in flags, so the user sees which flag asked for the text."""
     with pytest.raises(InvalidOptions) as info:
         cli._check_calibration_data(None, options)
     assert message in str(info.value) and str(info.value).endswith("give --calibration-data PATH")

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
 
-from loftq.options import ConvertOptions
+from loftq.options import CalibrationNeed, ConvertOptions
+from loftq.quantizers import QUANTIZERS
 
 
 def test_defaults() -> None:
@@ -57,3 +60,54 @@ def test_solver_sizes_are_bounded(field: str, value: int) -> None:
     with pytest.raises(ValidationError, match=field):
         ConvertOptions(**{field: value})
     ConvertOptions(**{field: value - 1})
+
+
+def test_options_import_without_torch() -> None:
+    """The job API validates requests with these options and never imports torch."""
+    code = "import sys, loftq.options; assert not any(m.split('.')[0] == 'torch' for m in sys.modules), 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_options_accept_exactly_the_registered_quantizers() -> None:
+    assert ConvertOptions.model_json_schema()["properties"]["quant"]["enum"] == list(QUANTIZERS)
+    for name, spec in QUANTIZERS.items():
+        assert ConvertOptions(quant=name).bits == (spec.fixed_bits or 4)  # bits left out: the format's own, else the default
+        for bits in spec.bits:
+            assert ConvertOptions(quant=name, bits=bits).bits == bits
+    packable = {name for name, spec in QUANTIZERS.items() if spec.bnb_4bit}
+    assert packable == {"nf4", "fp4"}
+    for name in QUANTIZERS.keys() - packable:
+        with pytest.raises(ValidationError, match="needs quant nf4 or fp4"):
+            ConvertOptions(quant=name, backbone_format="bnb-4bit")
+
+
+@pytest.mark.parametrize(
+    ("options", "need", "reason"),
+    [
+        ({}, None, None),
+        ({"refinement": {"steps": 5}}, None, None),  # refinement settings alone do not switch it on
+        (
+            {"objective": "activation"},
+            CalibrationNeed("objective", "activation", "fits each layer in the metric of its calibration inputs"),
+            "objective='activation' fits each layer in the metric of its calibration inputs",
+        ),
+        (
+            {"refine": "block+model"},
+            CalibrationNeed("refine", "block+model", "refines the adapters on calibration text"),
+            "refine='block+model' refines the adapters on calibration text",
+        ),
+        (
+            {"calibration": {"evaluate": True}},
+            CalibrationNeed("calibration.evaluate", None, "measures the model on held-out calibration text"),
+            "evaluate measures the model on held-out calibration text",
+        ),
+    ],
+)
+def test_calibration_need_names_the_option_by_its_path(options: dict, need: CalibrationNeed | None, reason: str | None) -> None:
+    """``field`` is a path into the options, so a front end can name it its own way; the reason is the same rule in one sentence."""
+    converted = ConvertOptions(**options)
+    assert converted.calibration_need == need
+    assert converted.calibration_reason == reason
+    if need is not None:
+        group, _, name = need.field.rpartition(".")
+        assert name in type(getattr(converted, group) if group else converted).model_fields

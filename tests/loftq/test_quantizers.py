@@ -12,8 +12,10 @@ from loftq.errors import InvalidOptions
 from loftq.quantizers import (
     FP4_CODE,
     NF4_CODE,
+    QUANTIZERS,
     CodebookQuantizer,
     Quantized,
+    Quantizer,
     get_quantizer,
     normal_float_code,
     pack_4bit,
@@ -325,11 +327,11 @@ def _fake_quantize_cases(quant: str, blocksize: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("quant", "blocksize"), [("nf4", 64), ("nf4", 32), ("fp4", 64), ("nf3", 64), ("nf2", 128)])
 def test_fake_quantize_is_quantize_then_dequantize_bit_for_bit(monkeypatch, quant: str, blocksize: int) -> None:
-    import loftq.quantizers as quantizers
+    import loftq.quantizers.codebook as codebook
 
     qz = get_quantizer(quant, 4 if quant in ("nf4", "fp4") else int(quant[-1]), blocksize)
     for chunk in (1 << 17, 3 * blocksize):  # one chunk, and many with a shorter last one
-        monkeypatch.setattr(quantizers, "FAKE_QUANTIZE_CHUNK", chunk)
+        monkeypatch.setattr(codebook, "FAKE_QUANTIZE_CHUNK", chunk)
         for i, w in enumerate(_fake_quantize_cases(quant, blocksize)):
             ours = qz.fake_quantize(w)
             assert ours.dtype == torch.float32 and ours.shape == w.shape
@@ -430,3 +432,14 @@ def test_get_quantizer_accepts_good_combinations() -> None:
         assert qz.name == quant and qz.bits == bits
         assert qz.blocksize == (None if quant == "int8" else 128)
     assert get_quantizer("int", 4, 1).blocksize == 1
+
+
+def test_every_registered_quantizer_builds_as_registered() -> None:
+    """The registry (names and widths, torch-free) and the implementations it names agree."""
+    assert sorted((name, bits) for name, spec in QUANTIZERS.items() for bits in spec.bits) == sorted(ALL_QUANTIZERS)
+    for name, spec in QUANTIZERS.items():
+        for bits in spec.bits:
+            qz = spec.build(bits, 64)
+            assert isinstance(qz, Quantizer) and (qz.name, qz.bits) == (name, bits)
+    with pytest.raises(InvalidOptions, match="expected one of nf4, fp4, int8, int, nf2, nf3"):
+        get_quantizer("q5", 4)

@@ -12,11 +12,12 @@ from torch import nn
 
 from loftq import model_refine
 from loftq.adapter import ADAPTER_DIR
-from loftq.converter import MANIFEST_NAME, convert_directory
+from loftq.converter import convert_directory
 from loftq.errors import Cancelled, InsufficientMemory, InvalidOptions
 from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
 from loftq.refine import Batch, BlockAdapters, balanced, refine_block
 from loftq.report import ProgressEvent
+from loftq.storage import MANIFEST_NAME
 
 SMALL = {"samples": 12, "seq_len": 32, "eval_samples": 4, "batch_size": 4}
 FAST = {"steps": 12, "batch_size": 2, "holdout": 0.25, "model_steps": 3}

@@ -25,9 +25,9 @@ from loftq.safetensors_io import (
     read_header,
     read_tensor,
     safetensors_dtype,
-    sha256_file,
     tensor_bytes,
 )
+from loftq.storage import sha256_file
 
 
 def _sample_tensors() -> dict[str, torch.Tensor]:
