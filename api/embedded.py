@@ -1,7 +1,8 @@
 """``loftq-service serve``: the whole service on one machine with nothing else installed.
 
-It starts a Redis-compatible server from a pip package, one Celery worker process and the
-API, with artifacts on local disk: the same code path as production, just smaller.
+It starts a Redis-compatible server from a pip package, one Celery worker process, the webhook
+worker and the API, with artifacts on local disk: the same code path as production, just
+smaller. Webhooks may reach loopback here (a receiver on this machine), nothing private.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="Worker device: auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Start the embedded Redis-compatible server, one worker and the API; Ctrl-C stops all three."""
+    """Start the embedded Redis-compatible server, one worker, the webhook worker and the API; Ctrl-C stops them all."""
     from pydantic import ValidationError
 
     from api.main import create_app
@@ -92,6 +93,7 @@ def serve(
         "LOFTQ_DEVICE": device,
         # Bound beyond loopback (keys configured), the address clients use may differ from --host.
         "LOFTQ_PUBLIC_URL": os.environ.get("LOFTQ_PUBLIC_URL") or f"http://{host}:{port}",
+        "LOFTQ_WEBHOOK_ALLOWED_NETWORKS": os.environ.get("LOFTQ_WEBHOOK_ALLOWED_NETWORKS") or "127.0.0.0/8,::1/128",
     }
     os.environ.update(env)
     settings = Settings()
@@ -103,6 +105,12 @@ def serve(
         env={**os.environ, **env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")},
         start_new_session=True,  # Ctrl-C reaches the API only; the worker is stopped in order below
     )
+    webhooks = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.webhook_app:celery_app", "worker", "--pool", "threads",
+         "--concurrency", "4", "--loglevel", "WARNING", "-Q", settings.webhook_queue, "--hostname", "webhooks@%h"],
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
     typer.echo(f"loftq-service on http://{host}:{port}; data in {data_dir}", err=True)
     typer.echo(auth_line(settings.api_keys), err=True)
     typer.echo(f"file:// sources allowed under: {', '.join(map(str, roots))}", err=True)
@@ -112,12 +120,14 @@ def serve(
     try:
         run_api(create_app(settings), settings, host=host, port=port, log_level="info")
     finally:
-        # The worker first (its running job records how it ended), the job store last.
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        # The workers first (a running job records how it ended), the job store last.
+        for process in (worker, webhooks):
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in (worker, webhooks):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
         redis_process.terminate()
         redis_process.wait(10)
 

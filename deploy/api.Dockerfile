@@ -35,6 +35,7 @@ RUN pip install \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY loftq ./loftq
+COPY service ./service
 COPY api ./api
 COPY worker ./worker
 RUN pip install --no-deps . \

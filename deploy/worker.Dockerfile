@@ -42,6 +42,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY loftq ./loftq
+COPY service ./service
 COPY api ./api
 COPY worker ./worker
 RUN pip install ".[service,bnb]" \

@@ -42,9 +42,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_ERROR = 2  # API, network or checksum error
 EXIT_JOB_FAILED = 1  # submit --wait: the job ended failed or cancelled
 
-# Bits implied by a fixed-width quantizer (the server rejects a mismatch).
-_FIXED_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2, "nf3": 3}
-
 app = typer.Typer(
     name="loftq-jobs",
     add_completion=False,
@@ -258,8 +255,6 @@ def submit(
 ) -> None:
     """Submit a conversion job and print its id (stdout). With --wait, exit 1 unless it succeeds."""
     metadata = _parse_meta(meta)
-    if bits is None and quant in _FIXED_BITS:
-        bits = _FIXED_BITS[quant]
     targets: str | list[str] | None = None
     if target:
         targets = target[0] if len(target) == 1 and target[0] == "all-linear" else list(target)

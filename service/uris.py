@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
-from loftq.options import CalibrationOptions, ConvertOptions, RefineOptions
 from service.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
 from service.settings import Settings
 from service.text import unsafe_character
@@ -28,8 +27,6 @@ HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_REVISION = re.compile(r"[A-Za-z0-9._/-]+")
 _BARE_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 UPLOAD_ID = re.compile(r"upl_[0-9a-f]{20}")
-# ConvertOptions fields holding nested settings, to name a nested field by its path in a request.
-_NESTED_OPTIONS = {"calibration": CalibrationOptions, "refinement": RefineOptions}
 
 
 # --------------------------------------------------------------------------- URIs
@@ -198,22 +195,14 @@ def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
 
 
 def needs_calibration_data(request: JobCreate) -> str | None:
-    """Why the request's options need calibration text (None when they do not).
-
-    The rule is ``ConvertOptions.calibration_reason``'s; here its leading field name becomes the
-    field's path in the request (``objective=...`` -> ``options.objective=...``, ``evaluate`` ->
-    ``options.calibration.evaluate ...``), so the message names what to change in the JSON.
-    """
-    reason = request.options.calibration_reason
-    if reason is None:
+    """Why the request's options need calibration text (None when they do not), naming the
+    field's path in the request (``options.objective='activation' fits ...``). The rule is the
+    engine's (``ConvertOptions.calibration_need``)."""
+    need = request.options.calibration_need
+    if need is None:
         return None
-    name = re.match(r"\w*", reason)[0]
-    if not name:
-        return f"options: {reason}"
-    group = next(
-        (group for group, model in _NESTED_OPTIONS.items() if name not in ConvertOptions.model_fields and name in model.model_fields), None
-    )
-    return ".".join(filter(None, ["options", group, name])) + reason[len(name) :]
+    value = "" if need.value is None else f"={need.value!r}"
+    return f"options.{need.field}{value} {need.message}"
 
 
 def check_job_inputs(request: JobCreate, settings: Settings) -> None:

@@ -469,7 +469,8 @@ def test_cli_submit(server: FakeServer, run_cli) -> None:
     assert result.stdout.strip() == "job001"
     assert run_cli.made == [(BASE, KEY)]
     request = server.jobs["job001"]["request"]
-    assert request["options"] == {"rank": 8, "lora_alpha": 16.0, "quant": "int8", "bits": 8, "svd": "exact",
+    # No bits: the server's quantizer registry implies them from quant (loftq/quantizers/registry.py).
+    assert request["options"] == {"rank": 8, "lora_alpha": 16.0, "quant": "int8", "svd": "exact",
                                   "target_modules": ["q_proj", "v_proj"], "backbone_format": "dequantized"}
     assert request["metadata"] == {"team": "nlp", "ticket": "A-1=2"} and request["output"] == "out/tiny/"
 
