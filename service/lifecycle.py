@@ -164,17 +164,20 @@ class Lifecycle:
         worker sees ``cancel_requested``; a cancelling or finished job is returned unchanged.
         ``delete``: remove the job once it has ended (see ``delete``)."""
 
+        ended = False
+
         def decide(job: Job):
+            nonlocal ended
             moved = None
             if job.state == JobState.queued:
                 moved = _moved(job, JobState.cancelled)
             elif job.state == JobState.running:
                 moved = _moved(job, JobState.cancelling)
+            ended = moved is not None and moved.state.finished  # decided on the record the write is checked against
             return moved, None, {"cancel": "1", **({_DELETE: "1"} if delete else {})}
 
-        before = self.store.get(job_id)
         job = self.store.change_state(job_id, decide)
-        if job.state.finished and not before.state.finished:
+        if ended:
             self._ended(job)
         return job
 

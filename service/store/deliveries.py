@@ -55,7 +55,7 @@ class Deliveries(StoreBase):
         """Oldest first."""
         raw = self.client.hgetall(self._deliveries_key(job_id))
         records = [WebhookDelivery.model_validate_json(value) for name, value in raw.items() if ":" not in name]
-        return sorted(records, key=lambda d: (d.created_at, d.id))
+        return sorted(records, key=lambda d: (d.created_at, d.target != "job", d.id))
 
     def webhook_secret(self, job_id: str) -> str | None:
         """The secret of the job's own webhook (kept beside its record, never in it)."""
