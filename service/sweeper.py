@@ -13,6 +13,11 @@ have died; then the job fails with ``worker_lost``. The redelivered job resumes 
 output shards its earlier attempts finished (the engine's journal). A job being cancelled
 whose worker died is finished here: its partial artifacts are removed and it ends cancelled.
 
+Each sweep also removes the artifacts of finished jobs whose retention ran out (their records
+expire in Redis; LOFTQ_JOB_RETENTION_SECONDS), and sends again webhook deliveries that are late
+(their message was lost), through the lifecycle's one writer of end states
+(service/lifecycle.py) for every end it records.
+
 Duplicates are harmless by construction: a delivery that finds the lease held, or the job
 ended, does nothing (worker/tasks.py).
 """
@@ -52,6 +57,7 @@ class Sweeper:
     def sweep(self) -> SweepResult:
         result = SweepResult()
         self._remove_expired(result)
+        self._resend_late_deliveries(result)
         for state in (JobState.running, JobState.cancelling):
             for job_id in self.store.ids_in_state(state):
                 try:
@@ -109,6 +115,15 @@ class Sweeper:
         if self.lifecycle.finish(job.id, JobState.cancelled) is None:
             return
         result.cancelled.append(job.id)
+
+    def _resend_late_deliveries(self, result: SweepResult) -> None:
+        """Webhook deliveries whose message never arrived are sent once more per attempt count
+        (a duplicate is harmless: the delivery id is the receiver's idempotency key)."""
+        for job_id, delivery_id, attempts in self.store.overdue_deliveries():
+            if self.store.claim_once(f"webhook-resend:{delivery_id}:{attempts}", self.settings.job_retention_seconds):
+                log.warning("webhook %s of job %s is late (attempts: %d); sending it again", delivery_id, job_id, attempts)
+                self.queue.send_webhook(job_id, delivery_id)
+                result.redelivered.append(f"{job_id} webhook {delivery_id}")
 
     def _remove_expired(self, result: SweepResult) -> None:
         """Artifacts of finished jobs whose retention ran out (their records are gone already)."""

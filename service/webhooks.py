@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "loftq.deliver_webhook"  # args: job id, delivery id
 _SECRET_PREFIX = "whsec_"
+LATE_SECONDS = 120.0
+"""A pending delivery with no attempt this long after it was due is sent again by the sweeper
+(its message was lost: the broker refused it, or a webhook worker died before acknowledging)."""
 _MAX_ERROR = 300
 
 
@@ -158,7 +161,7 @@ class WebhookHook:
         body = json.dumps({"type": event, "timestamp": created.isoformat(), "data": job_payload(job)}).encode()
         for target, url, secret in targets:
             delivery = WebhookDelivery(id=f"msg_{uuid.uuid4().hex}", event=event, target=target, url=url, created_at=created)
-            if self.store.add_delivery(job.id, delivery, body, secret):
+            if self.store.add_delivery(job.id, delivery, body, secret, due=time.time() + LATE_SECONDS):
                 self.send(job.id, delivery.id)
 
     def _progress_due(self, job_id: str) -> bool:
@@ -215,5 +218,6 @@ def deliver_once(store: JobStore, settings: Settings, job_id: str, delivery_id: 
         log.warning("webhook %s of job %s failed after %d attempts: %s", delivery.id, job_id, attempts, error)
     else:
         wait = retries[attempts - 1]
-    store.save_delivery(job_id, delivery.model_copy(update=update))
+    due = None if wait is None else time.time() + wait + LATE_SECONDS
+    store.save_delivery(job_id, delivery.model_copy(update=update), due=due)
     return wait

@@ -17,6 +17,7 @@ from service.settings import Settings
 from service.storage import store_from_settings
 from service.store import MERGE, JobStore
 from service.sweeper import Sweeper
+from service.webhooks import WebhookHook
 
 
 class Sent(list):
@@ -148,3 +149,38 @@ def test_replicas_sweeping_at_once_send_each_lost_job_once(store, sent, settings
     for thread in threads:
         thread.join(5)
     assert sorted(sent) == sorted((RUN_JOB, job_id) for job_id in job_ids)
+
+
+def test_a_webhook_delivery_whose_message_was_lost_is_sent_again_once(store: JobStore, sent: Sent, sweeper: Sweeper) -> None:
+    """The hook recorded the delivery but its message never reached a webhook worker."""
+    settings = sweeper.settings.model_copy(update={"webhook_allowed_networks": ["127.0.0.0/8"]})
+
+    def broker_down(job_id: str, delivery_id: str) -> None:
+        raise ConnectionError("the broker refused the message")
+
+    lifecycle = Lifecycle(store, [WebhookHook(store, settings, broker_down)])
+    job, _ = lifecycle.submit(JobCreate(source="file:///models/m", webhook_url="http://127.0.0.1:9/hook"), tenant="default", prefix="")
+    lifecycle.cancel(job.id)
+    delivery = store.deliveries(job.id)[0]
+    assert sweeper.sweep().redelivered == [], "not late yet"
+    store.client.zadd(store._due_key, {f"{job.id} {delivery.id}": 0})  # as if LATE_SECONDS had passed
+    assert sweeper.sweep().redelivered == [f"{job.id} webhook {delivery.id}"]
+    assert sweeper.sweep().redelivered == []  # once per attempt count
+    assert sent == [("webhook", job.id, delivery.id)]
+
+
+def test_expired_jobs_lose_their_artifacts_and_nothing_else_goes(store: JobStore, sweeper: Sweeper, tmp_path: Path) -> None:
+    artifacts = sweeper.artifacts
+    (tmp_path / "file").write_bytes(b"{}")
+    expired = store.create(JobCreate(source="file:///models/m"), tenant="team-a", prefix="tenants/team-a/")
+    kept = store.create(JobCreate(source="file:///models/m"), tenant="team-b", prefix="tenants/team-b/")
+    for job in (expired, kept):
+        artifacts.upload_file(tmp_path / "file", f"{job.output}manifest.json")
+        Lifecycle(store).cancel(job.id)
+    artifacts.upload_file(tmp_path / "file", "tenants/team-a/notes.txt")
+    store.client.zadd(store._retained_key, {expired.id: 0})  # its retention ran out
+    assert sweeper.sweep().expired == [expired.id]
+    assert artifacts.read_bytes(f"{expired.output}manifest.json") is None
+    assert artifacts.read_bytes(f"{kept.output}manifest.json") == b"{}"
+    assert artifacts.read_bytes("tenants/team-a/notes.txt") == b"{}"
+    assert sweeper.sweep().expired == []
