@@ -1,8 +1,8 @@
 """A distributed job: its weight shards converted by part tasks on several workers, then merged.
 
 Output shard i depends on input shard i alone (docs/adr/0005-scale-out.md), so one job's shards can run on
-different workers: ``send_parts`` (the job's own RUN_JOB delivery, under the job lease) plans
-the parts and sends one RUN_PART message per part; ``PartRunner`` converts one part
+different workers: ``send_parts`` (worker/planning.py: the job's own RUN_JOB delivery, under
+the job lease) plans the parts and sends one RUN_PART message per part; ``PartRunner`` converts one part
 (``loftq.converter.convert_part``) under a lease of its own and records it finished; the
 worker that finishes the last part (one atomic step in the job store decides which) merges
 right there with ``JobRunner.run(job_id, merge=True)`` (a MERGE_JOB message when that cannot
@@ -21,53 +21,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.models import Job, JobState
-from service.queue import MERGE_JOB, RUN_PART
+from service.models import Job
+from service.queue import MERGE_JOB
 from service.storage import ObjectStore
 from service.store import JobStore
-from worker.runner import JobRunner, LeaseKeeper, LeaseLost, apply_torch_threads, layer_event, store_outage_tolerated
+from worker.planning import enqueuer
+from worker.runner import JobRunner, LeaseKeeper, apply_torch_threads, layer_event, store_outage_tolerated
 
 log = logging.getLogger(__name__)
-
-
-def plan_parts(shards: list[str], shards_per_part: int) -> list[list[str]]:
-    """Consecutive shards, ``shards_per_part`` to a part (the last one may hold fewer)."""
-    return [shards[i : i + shards_per_part] for i in range(0, len(shards), shards_per_part)]
-
-
-def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
-    """Plan the job's parts, record them and send a RUN_PART message for each part not done.
-
-    Planning reads the source's index and config only, and fails the job on the spot for the
-    same reasons a normal job would fail before converting (no such source, rank too large).
-    A redelivery keeps the recorded plan and re-sends what is not finished; a duplicate part
-    message is harmless (part lease, journal), and when every part is done already, the merge
-    is sent again (the worker that finished the last one may have died before sending it)."""
-    from loftq.converter import plan
-    from worker.sources import open_source
-
-    store, enqueue = runner.store, _enqueue(runner)
-    source = open_source(job.request.source, runner.settings, scratch / "source", tenant=job.tenant)
-    checkpoint, _, layout = plan(source, runner.options(job))
-    parts = store.init_parts(job.id, plan_parts(list(checkpoint.shards), job.request.shards_per_part))
-    progress = store.get(job.id).progress
-    if progress.layers_total == 0:  # not on a redelivery: the parts may have counted already
-        totals = {"stage": "converting", "layers_total": len(layout.targets), "shards_total": len(checkpoint.shards)}
-        runner.lifecycle.progress(job, progress.model_copy(update=totals))
-    done = store.parts_done(job.id)
-    if len(done) == len(parts):
-        enqueue(MERGE_JOB, job.id)
-        return
-    for number in parts:
-        if number not in done:
-            enqueue(RUN_PART, job.id, number)
-    log.info("job %s: sent %d of %d parts", job.id, len(parts) - len(done), len(parts))
-
-
-def _enqueue(runner: JobRunner):
-    if runner.enqueue is None:
-        raise RuntimeError("a distributed job needs a runner that can send tasks")
-    return runner.enqueue
 
 
 class PartRunner:
@@ -92,45 +53,39 @@ class PartRunner:
         return True
 
     def _run_leased(self, job: Job, part: int, keeper: LeaseKeeper) -> None:
-        artifacts = self.runner.artifacts
-        work = self.runner._work_dir()
-        prefix = f"{job.id}.part{part}-"
-        self.runner.remove_abandoned_scratch(JobStore.part_lease_id(job.id, part))
-        if job.state.finished:
-            return
-        if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
-            self.runner.cancel(job, artifacts)
-            return
-        try:
-            attempts = self.store.increment_part_attempts(job.id, part)
-            if attempts > self.settings.max_attempts:
-                self.runner.worker_lost(job.id, attempts)
-                return
+        def work() -> None:
             parts, done = self.store.parts(job.id), self.store.parts_done(job.id)
             if part in done:  # a redelivery: its worker died after finishing, maybe before sending the merge
                 if len(done) == len(parts):
-                    _enqueue(self.runner)(MERGE_JOB, job.id)
+                    enqueuer(self.runner)(MERGE_JOB, job.id)
                 return
             started = time.monotonic()
-            scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=work))
+            scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}.part{part}-", dir=self.runner._work_dir()))
             try:
-                self._convert(job, parts[part], scratch, artifacts, keeper)
+                self._convert(job, parts[part], scratch, self.runner.artifacts, keeper)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             if self.store.cancel_requested(job.id):  # asked while the last shard was published
-                self.runner.cancel(job, artifacts)
+                self.runner.cancel(job, self.runner.artifacts)
                 return
             record = {"worker": self.runner.worker, "owner": self.runner.owner, "shards": len(parts[part]),
                       "seconds": round(time.monotonic() - started, 3)}
             if self.store.finish_part(job.id, part, record):
                 self._merge(job.id)
-        except LeaseLost as exc:
-            log.warning("%s; stopping without recording an end", exc)
-        except Exception as exc:  # every failure must end the job with a reason
-            if self.store.get(job.id).state.finished:
-                log.info("part %d of job %s stopped: the job has ended (%s)", part, job.id, type(exc).__name__)
-                return
-            self.runner.fail(job, exc, artifacts)
+
+        def ended_elsewhere(exc: Exception) -> bool:  # e.g. another part failed the job
+            if not self.store.get(job.id).state.finished:
+                return False
+            log.info("part %d of job %s stopped: the job has ended (%s)", part, job.id, type(exc).__name__)
+            return True
+
+        self.runner.attempt(
+            job,
+            JobStore.part_lease_id(job.id, part),
+            count=lambda: self.store.increment_part_attempts(job.id, part),
+            work=work,
+            ended_elsewhere=ended_elsewhere,
+        )
 
     def _merge(self, job_id: str) -> None:
         """The last part merges in its own process, where the engine is imported already
@@ -138,7 +93,7 @@ class PartRunner:
         When the job's lease is held elsewhere (a redelivered merge), the message is sent; if
         that holder dies instead of merging, the API's sweeper sends it again (service/sweeper.py)."""
         if not self.runner.run(job_id, merge=True):
-            _enqueue(self.runner)(MERGE_JOB, job_id)
+            enqueuer(self.runner)(MERGE_JOB, job_id)
 
     def _convert(self, job: Job, shards: list[str], scratch: Path, artifacts: ObjectStore, keeper: LeaseKeeper) -> None:
         from loftq.converter import convert_part

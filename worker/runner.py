@@ -45,6 +45,7 @@ from service.queue import JobQueue
 from service.settings import Settings
 from service.storage import ObjectStore, store_from_settings
 from service.store import MERGE, JobStore
+from worker.planning import send_parts
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -179,46 +180,66 @@ class JobRunner:
             self.keeper, self.held = outer
             self.store.release_lease(lease_id, self.owner)
 
-    def _run_leased(self, job: Job, *, merge: bool = False) -> None:
-        artifacts = self.artifacts
-        self.remove_abandoned_scratch(job.id)
+    def attempt(
+        self,
+        job: Job,
+        lease_id: str,
+        *,
+        count: Callable[[], int],
+        work: Callable[[], None],
+        ended_elsewhere: Callable[[Exception], bool],
+    ) -> None:
+        """What every leased run does around its work (a job, a part, a merge), under the lease
+        ``lease_id``: clear dead attempts' scratch; stop at once for a job that ended or is being
+        cancelled; count the delivery (``count``) and fail the job worker_lost past
+        LOFTQ_MAX_ATTEMPTS; run ``work``; end the job with the reason of any error, unless it is
+        no longer this attempt's to end (``ended_elsewhere``)."""
+        self.remove_abandoned_scratch(lease_id)
         if job.state.finished:
             return
         if job.state is JobState.cancelling or self.store.cancel_requested(job.id):
-            self.cancel(job, artifacts)
+            self.cancel(job, self.artifacts)
             return
         try:
-            # The merge counts its own deliveries: the planning step's are the job's.
-            attempts = self.store.increment_part_attempts(job.id, MERGE) if merge else self.store.increment_attempts(job.id)
+            attempts = count()
             if attempts > self.settings.max_attempts:
                 self.worker_lost(job.id, attempts)
                 return
-            if job.state is JobState.queued:
-                job = self.lifecycle.start(job.id)
+            work()
+        except LeaseLost as exc:
+            log.warning("%s; stopping without recording an end", exc)
+        except Exception as exc:  # every failure must end the job with a reason
+            if not ended_elsewhere(exc):
+                self.fail(job, exc, self.artifacts)
+
+    def _run_leased(self, job: Job, *, merge: bool = False) -> None:
+        def work() -> None:
+            current = self.lifecycle.start(job.id) if job.state is JobState.queued else job
             scratch = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir()))
             try:
-                if job.request.distributed and not merge:
-                    from worker.distributed import send_parts
-
-                    send_parts(self, job, scratch)
+                if current.request.distributed and not merge:
+                    send_parts(self, current, scratch)
                     return
-                report = self._convert(job, scratch, artifacts, trust_parts=merge)
+                report = self._convert(current, scratch, self.artifacts, trust_parts=merge)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             summary = job_summary(report)
             if merge:  # the report times the merge alone; the job ran from its start
-                summary.seconds = (datetime.now(timezone.utc) - (job.started_at or job.created_at)).total_seconds()
+                summary.seconds = (datetime.now(timezone.utc) - (current.started_at or current.created_at)).total_seconds()
             with store_outage_tolerated("the final progress"):
-                self.lifecycle.progress(job, self._progress(job.id, stage="done"))
+                self.lifecycle.progress(current, self._progress(current.id, stage="done"))
                 self.store.observe_duration("job", summary.seconds)
-            self._end(job.id, JobState.succeeded, summary=summary)
-        except LeaseLost as exc:
-            log.warning("%s; stopping without recording an end", exc)
-        except Exception as exc:  # every failure must end the job with a reason
-            if self.keeper is not None and self.keeper.lost.is_set():  # not ours to end any more
-                log.warning("job %s failed after its lease was lost (%s); stopping without recording an end", job.id, exc)
-                return
-            self.fail(job, exc, artifacts)
+            self._end(current.id, JobState.succeeded, summary=summary)
+
+        def ended_elsewhere(exc: Exception) -> bool:
+            if self.keeper is None or not self.keeper.lost.is_set():
+                return False
+            log.warning("job %s failed after its lease was lost (%s); stopping without recording an end", job.id, exc)
+            return True
+
+        # The merge counts its own deliveries: the planning step's are the job's.
+        count = (lambda: self.store.increment_part_attempts(job.id, MERGE)) if merge else (lambda: self.store.increment_attempts(job.id))
+        self.attempt(job, job.id, count=count, work=work, ended_elsewhere=ended_elsewhere)
 
     def worker_lost(self, job_id: str, attempts: int) -> None:
         message = f"the job was delivered {attempts} times; its workers kept dying"

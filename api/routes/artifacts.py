@@ -11,12 +11,12 @@ from fastapi.responses import StreamingResponse
 from api.deps import ArtifactsDep, SettingsDep, StoreDep, TenantDep
 from api.routes.jobs import JOB_ERRORS
 from api.schemas import error_responses
+from loftq.storage import MANIFEST_NAME
 from service.errors import ArtifactNotFound, JobNotFinished
 from service.models import Artifact, ArtifactList, Job, JobState
 from service.storage import ObjectStore, StorageUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
-MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 ARTIFACT_ERRORS = error_responses(*JOB_ERRORS, ArtifactNotFound, JobNotFinished, StorageUnavailable)
 
@@ -24,11 +24,11 @@ ARTIFACT_ERRORS = error_responses(*JOB_ERRORS, ArtifactNotFound, JobNotFinished,
 def _manifest(job: Job, artifacts: ObjectStore) -> tuple[dict[str, Artifact], bytes]:
     if job.state is not JobState.succeeded:
         raise JobNotFinished(f"job {job.id} is {job.state.value}; artifacts exist once it has succeeded")
-    raw = artifacts.read_bytes(job.output + MANIFEST)
+    raw = artifacts.read_bytes(job.output + MANIFEST_NAME)
     if raw is None:
-        raise ArtifactNotFound(f"job {job.id} has no manifest.json (artifacts were removed)")
+        raise ArtifactNotFound(f"job {job.id} has no {MANIFEST_NAME} (artifacts were removed)")
     files = {f["path"]: Artifact(path=f["path"], size=f["size"], sha256=f["sha256"]) for f in json.loads(raw)["files"]}
-    files[MANIFEST] = Artifact(path=MANIFEST, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    files[MANIFEST_NAME] = Artifact(path=MANIFEST_NAME, size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
     return files, raw
 
 
@@ -73,7 +73,7 @@ def download_artifact(job_id: str, path: str, store: StoreDep, artifacts: Artifa
     if path not in files:
         raise ArtifactNotFound(f"{path!r} is not an artifact of job {job_id}")
     artifact = files[path]
-    if path == MANIFEST:
+    if path == MANIFEST_NAME:
         body = iter([raw])
     else:
         try:

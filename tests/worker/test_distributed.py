@@ -18,7 +18,8 @@ from service.models import JobCreate, JobState
 from service.queue import MERGE_JOB, RUN_PART
 from service.settings import Settings
 from service.store import JobStore
-from worker.distributed import PartRunner, plan_parts
+from worker.distributed import PartRunner
+from worker.planning import plan_parts
 from worker.runner import JobRunner
 
 TIMED = {"loftq_report.json", "loftq_layers.png", "manifest.json"}  # hold timings
