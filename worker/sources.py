@@ -41,6 +41,7 @@ from service.storage import (
     StorageUnavailable,
     StoredObject,
     UnsafeKey,
+    s3_error_code,
     s3_store,
     safe_key,
     sha256_file,
@@ -201,7 +202,7 @@ class S3Source:
             except StorageUnavailable as exc:
                 raise StorageUnavailable(f"reading the source {self.name}: {exc.message}") from exc
             except Exception as exc:
-                code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+                code = s3_error_code(exc)
                 if code in ("NoSuchBucket", "404", "AccessDenied", "403"):
                     raise SourceNotFound(f"cannot list the bucket ({code})", path=self.name) from exc
                 raise
@@ -436,7 +437,7 @@ def _calibration_objects(uri: str, location: CalibrationLocation, store: ObjectS
     try:
         listed = store.list(key_prefix)
     except Exception as exc:
-        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+        code = s3_error_code(exc)
         if code in ("NoSuchBucket", "404", "AccessDenied", "403"):
             raise CalibrationDataNotFound(f"calibration_data: {uri}: cannot list the bucket ({code})") from exc
         raise

@@ -27,6 +27,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ResponseSt
 from conftest import s3_client, service_env, start_worker, stop_processes, upload_models
 from s3_fault_proxy import FaultProxy
 
+from api.errors import http_status
 from service.settings import Settings
 from service.storage import S3ObjectStore, StorageUnavailable, s3_store, storage_unavailable
 from worker.sources import MANIFEST_NAME, ObjectStoreDestination
@@ -70,7 +71,7 @@ def _client_error(status: int, code: str, operation: str = "PutObject", retries:
 def test_translation_of_storage_errors() -> None:
     what = "upload of s3://b/k"
     error = storage_unavailable(_client_error(500, "InternalError"), what, 5)
-    assert isinstance(error, StorageUnavailable) and error.code == "storage_unavailable" and error.status == 503
+    assert isinstance(error, StorageUnavailable) and error.code == "storage_unavailable" and http_status(error) == 503
     assert error.message == (
         "object storage unavailable: upload of s3://b/k failed after 4 attempts "
         "(InternalError (HTTP 500) from PutObject: InternalError happened)"

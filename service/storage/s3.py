@@ -1,228 +1,41 @@
-"""Artifact storage shared by the API (download links, local downloads) and the worker (uploads).
+"""Artifacts in an S3-compatible bucket (AWS, MinIO, moto), and what S3's errors mean.
 
-Two backends behind one small protocol: a directory on local disk, and an S3-compatible
-bucket (AWS, MinIO, moto). Keys are POSIX relative paths ("jobs/<id>/manifest.json"); both
-backends refuse keys that could escape their root ("..", absolute paths, NUL), so a key that
-is safe for one is safe for the other.
+boto3 and botocore are imported inside the functions that use them, never at module level:
+the API imports this package at startup, and loading them there costs it a noticeable
+fraction of a second even when storage is local.
 
-No torch here. The key check is stricter than ``loftq.storage.safe_relative``: it refuses
-non-canonical spellings instead of normalising them, because S3 treats them as other keys.
+Errors are sorted in two: the storage being unavailable (5xx, throttling, connection errors,
+bodies that break off), retried and then raised as StorageUnavailable; and everything else
+(a missing object, a refused permission), which keeps its meaning and is never retried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Protocol
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from loftq.errors import LoftQError
 from loftq.storage import sha256_file
-from service.errors import ServiceError
 from service.settings import Settings
+from service.storage.base import COPY_CHUNK, StorageUnavailable, StoredObject, safe_key, safe_prefix
 
-_COPY_CHUNK = 8 << 20
 MULTIPART_THRESHOLD = 64 * 2**20
 """Files above this size are uploaded (and downloaded) in parts by the transfer manager."""
 
 
-
-class UnsafeKey(LoftQError, ValueError):
-    """A key that could escape the storage root. A LoftQError, so the engine reports it like
-    ``loftq.storage.safe_relative`` does, and a ValueError for callers that are not the engine."""
-
-    code = "unsafe_key"
-
-
-class StorageUnavailable(ServiceError):
-    """Object storage kept failing (5xx, throttling, connection errors or resets) after every
-    retry. A ServiceError, so a job fails with this code and the API answers 503; the message
-    names the operation, the object and the attempts made."""
-
-    code = "storage_unavailable"
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    key: str
-    size: int
-
-
-class ObjectStore(Protocol):
-    def upload_file(self, path: Path, key: str, *, sha256: str | None = None) -> None: ...
-
-    def download_file(self, key: str, path: Path) -> None: ...
-
-    def read_bytes(self, key: str) -> bytes | None: ...
-
-    def sha256(self, key: str) -> str | None: ...
-
-    def list(self, prefix: str) -> list[StoredObject]: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def delete_prefix(self, prefix: str) -> None: ...
-
-    def presigned_url(self, key: str, expires_in: int) -> str | None: ...
-
-    def presigned_put_url(self, key: str, expires_in: int) -> str | None: ...
-
-    def open_read(self, key: str) -> BinaryIO: ...
-
-    def ping(self) -> bool: ...
-
-
-def safe_key(key: str) -> str:
-    """``key`` unchanged if it is a canonical relative POSIX path; UnsafeKey otherwise.
-
-    Non-canonical spellings ("a//b", "./a", "a/") are refused rather than normalised: on S3
-    they name different objects than their normal form, so accepting them would make the two
-    backends disagree."""
-    if not isinstance(key, str) or not key or "\x00" in key or "\\" in key:
-        raise UnsafeKey(f"unsafe storage key {key!r}")
-    path = PurePosixPath(key)
-    if path.is_absolute() or ".." in path.parts or str(path) != key or key == ".":
-        raise UnsafeKey(f"unsafe storage key {key!r}")
-    return key
-
-
-def safe_prefix(prefix: str, *, allow_empty: bool = True) -> str:
-    """A key prefix: a safe key, optionally ending in "/", or "" (everything) when allowed."""
-    if prefix == "":
-        if not allow_empty:
-            raise UnsafeKey("an empty prefix would name every object")
-        return prefix
-    safe_key(prefix[:-1] if prefix.endswith("/") else prefix)
-    return prefix
-
-
-# --------------------------------------------------------------------------- local disk
-
-
-class LocalObjectStore:
-    """Objects are files under ``root``; writes are atomic (temporary file, then rename)."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        path = self.root / safe_key(key)
-        # A symlink planted under the root must not lead out of it.
-        if not path.resolve().is_relative_to(self.root.resolve()):
-            raise UnsafeKey(f"storage key {key!r} leads outside the storage root")
-        return path
-
-    def upload_file(self, path: Path, key: str, *, sha256: str | None = None) -> None:
-        with open(path, "rb") as src, self.writer(key) as dst:
-            shutil.copyfileobj(src, dst, _COPY_CHUNK)
-
-    @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[BinaryIO]:
-        """A file to write the object into; it appears under ``key`` only once the block
-        completes (a write that fails or is cut off leaves nothing behind)."""
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".upload")
-        try:
-            with os.fdopen(fd, "wb") as dst:
-                yield dst
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def download_file(self, key: str, path: Path) -> None:
-        source = self._path(key)
-        if not source.is_file():
-            raise FileNotFoundError(f"no object {key!r}")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
-
-    def read_bytes(self, key: str) -> bytes | None:
-        path = self._path(key)
-        return path.read_bytes() if path.is_file() else None
-
-    def sha256(self, key: str) -> str | None:
-        path = self._path(key)
-        return sha256_file(path) if path.is_file() else None
-
-    def list(self, prefix: str) -> list[StoredObject]:
-        prefix = safe_prefix(prefix)
-        # Walk only the directory the prefix lies in, then match the rest as a string prefix.
-        base = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
-        if not base.is_dir():
-            return []
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for filename in filenames:
-                path = Path(dirpath) / filename
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and not _is_upload_temp(filename):
-                    found.append(StoredObject(key, path.stat().st_size))
-        return sorted(found, key=lambda o: o.key)
-
-    def delete(self, key: str) -> None:
-        path = self._path(key)
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-            self._prune(path.parent)
-
-    def delete_prefix(self, prefix: str) -> None:
-        prefix = safe_prefix(prefix, allow_empty=False)
-        for obj in self.list(prefix):
-            self.delete(obj.key)
-
-    def _prune(self, directory: Path) -> None:
-        """Remove directories left empty, up to (not including) the root."""
-        root = self.root.resolve()
-        while directory.resolve() != root and directory.resolve().is_relative_to(root):
-            try:
-                directory.rmdir()
-            except OSError:
-                return
-            directory = directory.parent
-
-    def presigned_url(self, key: str, expires_in: int) -> str | None:
-        safe_key(key)
-        return None  # the API streams local artifacts itself (open_read)
-
-    def presigned_put_url(self, key: str, expires_in: int) -> str | None:
-        safe_key(key)
-        return None  # the API receives local uploads itself (writer)
-
-    def open_read(self, key: str) -> BinaryIO:
-        path = self._path(key)
-        if not path.is_file():
-            raise FileNotFoundError(f"no object {key!r}")
-        return open(path, "rb")
-
-    def ping(self) -> bool:
-        return self.root.is_dir() and os.access(self.root, os.W_OK)
-
-
-def _is_upload_temp(filename: str) -> bool:
-    return filename.startswith(".") and filename.endswith(".upload")
-
-
-# --------------------------------------------------------------------------- S3
-
-
-def _error_code(exc: Exception) -> str:
+def s3_error_code(exc: BaseException) -> str:
+    """The S3 error code an exception carries ("NoSuchKey", "AccessDenied", "404"), or "" for
+    one that carries none: botocore's ClientError keeps it in its parsed ``response``."""
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
 
 
 def _is_missing(exc: Exception) -> bool:
-    return _error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+    return s3_error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 # Error codes that mean "try again later" whatever their HTTP status (botocore's standard
@@ -268,7 +81,7 @@ def _unavailable_reason(exc: BaseException | None, max_attempts: int) -> tuple[s
         response = exc.response or {}
         error = response.get("Error", {})
         meta = response.get("ResponseMetadata", {})
-        code, status = str(error.get("Code", "")), meta.get("HTTPStatusCode")
+        code, status = s3_error_code(exc), meta.get("HTTPStatusCode")
         if code not in _TRANSIENT_CODES and not (isinstance(status, int) and (status >= 500 or status in (408, 429))):
             return None
         retries = meta.get("RetryAttempts")
@@ -389,7 +202,7 @@ class S3ObjectStore:
             try:
                 self.client.create_bucket(**kwargs)
             except ClientError as exc:
-                if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                if s3_error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
     def upload_file(self, path: Path, key: str, *, sha256: str | None = None) -> None:
@@ -455,7 +268,7 @@ class S3ObjectStore:
             # Written by someone else: hash it as a stream (never whole in memory).
             digest = hashlib.sha256()
             with self.open_read(key) as body:
-                while chunk := body.read(_COPY_CHUNK):
+                while chunk := body.read(COPY_CHUNK):
                     digest.update(chunk)
             return digest.hexdigest()
 
@@ -523,7 +336,7 @@ class S3ObjectStore:
                 for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
                     parts += [(int(p["PartNumber"]), int(p["Size"]), p["ETag"]) for p in page.get("Parts", [])]
             except ClientError as exc:
-                if _error_code(exc) in ("NoSuchUpload", "404"):
+                if s3_error_code(exc) in ("NoSuchUpload", "404"):
                     return None
                 raise
         return sorted(parts)
@@ -540,7 +353,7 @@ class S3ObjectStore:
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}
                 )
             except ClientError as exc:
-                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                if s3_error_code(exc) not in ("NoSuchUpload", "404"):
                     raise
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -551,7 +364,7 @@ class S3ObjectStore:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             except ClientError as exc:
-                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                if s3_error_code(exc) not in ("NoSuchUpload", "404"):
                     raise
 
     def open_read(self, key: str) -> BinaryIO:
@@ -585,9 +398,3 @@ def s3_store(settings: Settings, bucket: str | None = None) -> S3ObjectStore:
         max_attempts=settings.s3_max_attempts,
         retry_mode=settings.s3_retry_mode,
     )
-
-
-def store_from_settings(settings: Settings) -> ObjectStore:
-    if settings.storage == "s3":
-        return s3_store(settings)
-    return LocalObjectStore(settings.local_storage_root)
