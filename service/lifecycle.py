@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from service.errors import InvalidTransition
+from service.locations import JobInputs
 from service.models import TRANSITIONS, ErrorInfo, Job, JobCreate, JobState, JobSummary, Progress
 from service.store import JobStore, NotLeaseHolder
 
@@ -80,9 +81,11 @@ class Lifecycle:
         prefix: str,
         idempotency_key: str | None = None,
         admit: Callable[[], None] | None = None,
+        inputs: JobInputs | None = None,
     ) -> tuple[Job, bool]:
         """(job, created): a new queued job, or the one an earlier request with the same
-        ``idempotency_key`` created. A job with a webhook gets its signing secret here, in the
+        ``idempotency_key`` created. ``inputs``: the request's URIs as the API parsed them, kept
+        with the job for the worker. A job with a webhook gets its signing secret here, in the
         returned Job only."""
         from service.webhooks import new_secret
 
@@ -90,8 +93,10 @@ class Lifecycle:
         if idempotency_key is None:
             if admit is not None:
                 admit()
-            return self.store.create(request, tenant=tenant, prefix=prefix, webhook_secret=secret), True
-        return self.store.create_idempotent(request, idempotency_key, tenant=tenant, prefix=prefix, admit=admit, webhook_secret=secret)
+            return self.store.create(request, tenant=tenant, prefix=prefix, webhook_secret=secret, inputs=inputs), True
+        return self.store.create_idempotent(
+            request, idempotency_key, tenant=tenant, prefix=prefix, admit=admit, webhook_secret=secret, inputs=inputs
+        )
 
     # -- changes ------------------------------------------------------------------------------
 

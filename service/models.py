@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from loftq.options import ConvertOptions, stored
+from service.locations import JobInputs
 from service.text import escape_unsafe, unsafe_message
 
 WEBHOOK_EVENTS = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
@@ -282,6 +284,9 @@ class Job(BaseModel):
     summary: JobSummary | None = None
     attempts: int = 0
     tenant: str = "default"
+    # The URIs as parsed at submission, for the worker; never shown (a file:// path has its links
+    # resolved, which would tell a caller where links on the server lead). The store writes it.
+    inputs: SkipJsonSchema[JobInputs | None] = Field(None, exclude=True)
     webhook_secret: str | None = Field(
         None,
         description="The secret that signs this job's webhooks: in the response to POST /v1/jobs only, never again.",

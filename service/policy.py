@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from service.errors import InvalidSource, ServiceError
+from service.locations import CalibrationLocation, FileLocation, HubLocation, JobInputs, S3Location, SourceLocation
 from service.settings import Settings
 from service.tenants import DEFAULT_TENANT, tenant_prefix
-from service.uris import HF_PART, CalibrationLocation, parse_calibration_uri, parse_s3, parse_source_uri
+from service.uris import HF_PART, parse_calibration_uri, parse_s3, parse_source_uri, resolve_again
 
 if TYPE_CHECKING:
     from service.models import JobCreate
@@ -81,8 +82,8 @@ def parse_grant(text: str) -> Grant:
         if sep and scheme == "s3":
             if not rest.strip("/"):
                 return Grant("s3")
-            _, bucket, prefix = parse_s3(text, rest)
-            return Grant("s3", bucket=bucket, prefix=prefix)
+            location = parse_s3(text, rest)
+            return Grant("s3", bucket=location.bucket, prefix=location.key)
         if sep and scheme == "file":
             if rest and (not rest.startswith("/") or ".." in rest.split("/")):
                 raise ValueError("file grants name an absolute directory, file:///dir/")
@@ -160,28 +161,36 @@ class SourcePolicy:
 
     # -- whole URIs -----------------------------------------------------------------------------
 
-    def check_source(self, uri: str, tenant: str) -> tuple[str, ...]:
-        """``uri`` parsed (service.uris.parse_source_uri) once the tenant may read it."""
-        parsed = parse_source_uri(uri, self.settings)
-        if parsed[0] == "s3":
-            self.check_s3("source", uri, tenant, parsed[1], parsed[2])
-        elif parsed[0] == "file":
-            self.check_file("source", uri, tenant, parsed[1])
-        elif parsed[0] == "hf":
-            self.check_hub("source", uri, tenant, parsed[1])
-        return parsed  # an upload is looked up in the tenant's own area: nobody else's to name
+    def check_source(self, uri: str, tenant: str, location: SourceLocation | None = None) -> SourceLocation:
+        """Where ``uri`` points, once the tenant may read it: ``location`` as parsed at
+        submission (a file path resolved again), or ``uri`` parsed now."""
+        if location is None:
+            location = parse_source_uri(uri, self.settings)
+        elif isinstance(location, FileLocation):
+            location = resolve_again(location, uri, self.settings)
+        if isinstance(location, S3Location):
+            self.check_s3("source", uri, tenant, location.bucket, location.key)
+        elif isinstance(location, FileLocation):
+            self.check_file("source", uri, tenant, location.path)
+        elif isinstance(location, HubLocation):
+            self.check_hub("source", uri, tenant, location.repo)
+        return location  # an upload is looked up in the tenant's own area: nobody else's to name
 
-    def check_calibration(self, uri: str, tenant: str) -> CalibrationLocation:
-        """``calibration_data`` parsed (service.uris.parse_calibration_uri) once the tenant may read it."""
-        location = parse_calibration_uri(uri, self.settings)
+    def check_calibration(self, uri: str, tenant: str, location: CalibrationLocation | None = None) -> CalibrationLocation:
+        """Where ``calibration_data`` points, once the tenant may read it (as ``check_source``)."""
+        if location is None:
+            location = parse_calibration_uri(uri, self.settings)
+        elif location.scheme == "file":
+            real = resolve_again(FileLocation(path=location.path), uri, self.settings).path
+            location = location.model_copy(update={"path": real})
         if location.scheme == "s3":
             self.check_s3("calibration_data", uri, tenant, location.bucket, location.key)
         elif location.scheme == "file":
             self.check_file("calibration_data", uri, tenant, location.path)
         return location
 
-    def check_inputs(self, request: JobCreate, tenant: str) -> None:
-        """Both URIs of a job request."""
-        self.check_source(request.source, tenant)
+    def check_inputs(self, request: JobCreate, inputs: JobInputs, tenant: str) -> None:
+        """Both inputs of a job request, as ``check_job_inputs`` parsed them."""
+        self.check_source(request.source, tenant, inputs.source)
         if request.calibration_data is not None:
-            self.check_calibration(request.calibration_data, tenant)
+            self.check_calibration(request.calibration_data, tenant, inputs.calibration)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from service.errors import InvalidCalibrationSource, InvalidRequest, InvalidSource
+from service.locations import (
+    CalibrationLocation,
+    FileLocation,
+    HubLocation,
+    JobInputs,
+    S3Location,
+    SourceLocation,
+    UploadLocation,
+)
 from service.settings import Settings
 from service.text import unsafe_character
 
@@ -45,15 +53,10 @@ def file_root_match(path: Path, roots: list[Path]) -> Path | None:
     return None
 
 
-def parse_source_uri(uri: str, settings: Settings) -> tuple[str, ...]:
-    """Check a source URI and return its parts; InvalidSource with the reason otherwise.
-
-    * ``("s3", bucket, prefix)`` for ``s3://bucket[/prefix]`` (prefix without slashes at the ends)
-    * ``("file", real_path)`` for ``file:///abs/path``; the path with symlinks resolved must lie
-      inside one of ``settings.allowed_file_roots``
-    * ``("hf", "org/name", revision)`` for ``hf://org/name[@revision]`` (revision "" = default branch)
-    * ``("upload", id, path)`` for ``upload://<id>[/path]`` (the caller's own upload; path "" = all of it)
-    """
+def parse_source_uri(uri: str, settings: Settings) -> SourceLocation:
+    """Check a source URI and return where it points (service/locations.py); InvalidSource
+    with the reason otherwise. A ``file://`` path, symlinks resolved, must lie inside one of
+    ``settings.allowed_file_roots``."""
     scheme, rest = _split(uri, SCHEMES, _SOURCE_FORMS)
     if scheme == "s3":
         return parse_s3(uri, rest)
@@ -62,6 +65,15 @@ def parse_source_uri(uri: str, settings: Settings) -> tuple[str, ...]:
     if scheme == "upload":
         return parse_upload(uri, rest)
     return _parse_hf(uri, rest)
+
+
+def resolve_again(location: FileLocation, uri: str, settings: Settings) -> FileLocation:
+    """A ``file://`` location parsed earlier (at submission), resolved again now: a link made
+    since then must not lead outside the allowed roots."""
+    real = Path(os.path.realpath(location.path))
+    if not settings.allowed_file_roots or file_root_match(real, list(settings.allowed_file_roots)) is None:
+        raise InvalidSource(f"{uri!r} is outside the allowed file roots (symlinks resolved)")
+    return FileLocation(path=str(real))
 
 
 _SOURCE_FORMS = "s3://bucket/prefix, file:///path, hf://org/name[@revision] or upload://<id> (POST /v1/uploads)"
@@ -87,13 +99,13 @@ def _split(uri: str, schemes: tuple[str, ...], forms: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def parse_s3(uri: str, rest: str) -> tuple[str, ...]:
+def parse_s3(uri: str, rest: str) -> S3Location:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise InvalidSource(f"{uri!r}: an s3:// URI needs a bucket: s3://bucket/prefix")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise InvalidSource(f"{uri!r}: {bucket!r} is not a valid bucket name")
-    return ("s3", bucket, _key_path(uri, prefix))
+    return S3Location(bucket=bucket, key=_key_path(uri, prefix))
 
 
 def _key_path(uri: str, path: str) -> str:
@@ -108,7 +120,7 @@ def _key_path(uri: str, path: str) -> str:
     return path
 
 
-def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
+def _parse_file(uri: str, rest: str, settings: Settings) -> FileLocation:
     if not rest.startswith("/"):
         raise InvalidSource(f"{uri!r}: file URIs must be local absolute paths: file:///abs/path")
     if "?" in rest or "#" in rest:
@@ -124,18 +136,18 @@ def _parse_file(uri: str, rest: str, settings: Settings) -> tuple[str, ...]:
     if file_root_match(real, list(settings.allowed_file_roots)) is None:
         # The resolved path is not echoed: it would tell any caller where links on the server lead.
         raise InvalidSource(f"{uri!r} is outside the allowed file roots (symlinks resolved)")
-    return ("file", str(real))
+    return FileLocation(path=str(real))
 
 
-def parse_upload(uri: str, rest: str) -> tuple[str, ...]:
+def parse_upload(uri: str, rest: str) -> UploadLocation:
     """``upload://<id>[/path]``: one of the caller's uploads, or a file or folder in it."""
     upload_id, _, path = rest.partition("/")
     if not UPLOAD_ID.fullmatch(upload_id):
         raise InvalidSource(f"{uri!r}: upload URIs are upload://<id>[/path] with the id POST /v1/uploads returned")
-    return ("upload", upload_id, _key_path(uri, path))
+    return UploadLocation(upload=upload_id, path=_key_path(uri, path))
 
 
-def _parse_hf(uri: str, rest: str) -> tuple[str, ...]:
+def _parse_hf(uri: str, rest: str) -> HubLocation:
     repo_id, at, revision = rest.partition("@")
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(HF_PART.fullmatch(p) for p in parts):
@@ -144,26 +156,10 @@ def _parse_hf(uri: str, rest: str) -> tuple[str, ...]:
         raise InvalidSource(f"{uri!r}: {repo_id!r} is not a valid repository id")
     if at and (not _HF_REVISION.fullmatch(revision) or ".." in revision.split("/") or "//" in revision):
         raise InvalidSource(f"{uri!r}: {revision!r} is not a valid revision")
-    return ("hf", repo_id, revision)
+    return HubLocation(repo=repo_id, revision=revision)
 
 
 # --------------------------------------------------------------------------- calibration text
-
-
-@dataclass(frozen=True)
-class CalibrationLocation:
-    """Where a job's calibration text lies, as ``parse_calibration_uri`` checked it.
-
-    ``file``: ``path`` is the real local path (a file or a directory). ``s3``: ``key`` is one
-    object, or with ``prefix`` every .txt/.jsonl object under ``key/`` ("" = the whole bucket).
-    ``upload``: the same, ``key`` relative to the caller's upload ``upload``."""
-
-    scheme: Literal["file", "s3", "upload"]
-    path: str = ""
-    bucket: str = ""
-    key: str = ""
-    prefix: bool = False
-    upload: str = ""
 
 
 _CALIBRATION_FORMS = (
@@ -179,19 +175,23 @@ def parse_calibration_uri(uri: str, settings: Settings) -> CalibrationLocation:
     try:
         scheme, rest = _split(uri, ("file", "s3", "upload"), _CALIBRATION_FORMS)
         if scheme == "file":
-            return CalibrationLocation("file", path=_parse_file(uri, rest, settings)[1])
-        _, bucket, key = (parse_upload if scheme == "upload" else parse_s3)(uri, rest)
+            return CalibrationLocation(scheme="file", path=_parse_file(uri, rest, settings).path)
+        if scheme == "upload":
+            upload = parse_upload(uri, rest)
+            # An upload's id is not a bucket: it is looked up in the caller's own area.
+            where, key = {"upload": upload.upload}, upload.path
+        else:
+            s3 = parse_s3(uri, rest)
+            where, key = {"bucket": s3.bucket}, s3.key
     except InvalidSource as exc:
         raise InvalidCalibrationSource(f"calibration_data: {exc.message}") from None
-    # An upload's id is not a bucket: it is looked up in the caller's own area.
-    where = {"upload": bucket} if scheme == "upload" else {"bucket": bucket}
     if not key or rest.endswith("/"):
-        return CalibrationLocation(scheme, key=key, prefix=True, **where)
+        return CalibrationLocation(scheme=scheme, key=key, prefix=True, **where)
     if PurePosixPath(key).suffix.lower() not in CALIBRATION_SUFFIXES:
         raise InvalidCalibrationSource(
             f"calibration_data: {uri!r} must name a .txt or .jsonl object, or end with / to read every such object under a prefix"
         )
-    return CalibrationLocation(scheme, key=key, **where)
+    return CalibrationLocation(scheme=scheme, key=key, **where)
 
 
 def needs_calibration_data(request: JobCreate) -> str | None:
@@ -205,21 +205,21 @@ def needs_calibration_data(request: JobCreate) -> str | None:
     return f"options.{need.field}{value} {need.message}"
 
 
-def check_job_inputs(request: JobCreate, settings: Settings) -> None:
+def check_job_inputs(request: JobCreate, settings: Settings) -> JobInputs:
     """Everything about a job request that pydantic cannot check field by field: the source
-    and calibration URIs, the webhook's address, and calibration data being given when the
-    options need it."""
-    parse_source_uri(request.source, settings)
+    and calibration URIs (returned parsed, to travel with the job), the webhook's address, and
+    calibration data being given when the options need it."""
+    source = parse_source_uri(request.source, settings)
     if request.webhook_url is not None:
         from service.webhooks import check_submission
 
         check_submission(request.webhook_url, settings)
     if request.calibration_data is not None:
-        parse_calibration_uri(request.calibration_data, settings)
-        return
+        return JobInputs(source=source, calibration=parse_calibration_uri(request.calibration_data, settings))
     reason = needs_calibration_data(request)
     if reason is not None:
         raise InvalidRequest(
             f"calibration_data: required: {reason}; add calibration_data ({_CALIBRATION_FORMS}), "
             "or use options.objective='weight' and options.refine='none' without evaluate"
         )
+    return JobInputs(source=source)

@@ -100,7 +100,9 @@ class PartRunner:
         from worker.sources import ObjectStoreDestination, open_source
 
         apply_torch_threads(self.settings)
-        source = open_source(job.request.source, self.settings, scratch / "source", tenant=job.tenant)
+        source = open_source(
+            job.request.source, self.settings, scratch / "source", tenant=job.tenant, location=job.inputs and job.inputs.source
+        )
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         started_at = job.started_at or job.created_at
 

@@ -34,7 +34,9 @@ def send_parts(runner: JobRunner, job: Job, scratch: Path) -> None:
     from worker.sources import open_source
 
     store, enqueue = runner.store, enqueuer(runner)
-    source = open_source(job.request.source, runner.settings, scratch / "source", tenant=job.tenant)
+    source = open_source(
+        job.request.source, runner.settings, scratch / "source", tenant=job.tenant, location=job.inputs and job.inputs.source
+    )
     checkpoint, _, layout = plan(source, runner.options(job))
     parts = store.init_parts(job.id, plan_parts(list(checkpoint.shards), job.request.shards_per_part))
     progress = store.get(job.id).progress

@@ -303,9 +303,15 @@ class JobRunner:
         if job.request.calibration_data is not None:
             self.lifecycle.progress(job, self._progress(job.id, stage="downloading"))
             calibration_data = fetch_calibration_data(
-                job.request.calibration_data, self.settings, scratch / "calibration", tenant=job.tenant
+                job.request.calibration_data,
+                self.settings,
+                scratch / "calibration",
+                tenant=job.tenant,
+                location=job.inputs and job.inputs.calibration,
             )
-        source = open_source(job.request.source, self.settings, scratch / "source", tenant=job.tenant)
+        source = open_source(
+            job.request.source, self.settings, scratch / "source", tenant=job.tenant, location=job.inputs and job.inputs.source
+        )
         destination = ObjectStoreDestination(artifacts, job.output, scratch / "output")
         # The engine (and torch) are imported here, in the worker's child process only, and
         # after the source is found: a job whose source is missing fails without the import.

@@ -19,7 +19,6 @@ own Hub token or none, and each local file is checked as it is met.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 from loftq.errors import LoftQError, SourceNotFound, UnsafePath
 from loftq.storage import MANIFEST_NAME
 from service.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
+from service.locations import CalibrationLocation, FileLocation, S3Location, SourceLocation, UploadLocation
 from service.policy import SourcePolicy, upload_prefix
 from service.settings import Settings
 from service.storage import (
@@ -48,33 +48,34 @@ from service.storage import (
     store_from_settings,
 )
 from service.text import unsafe_character
-from service.uris import CALIBRATION_SUFFIXES, CalibrationLocation, file_root_match
+from service.uris import CALIBRATION_SUFFIXES, file_root_match
 
 log = logging.getLogger(__name__)
 
 
 
-def open_source(uri: str, settings: Settings, scratch: Path, *, tenant: str) -> Any:
+def open_source(uri: str, settings: Settings, scratch: Path, *, tenant: str, location: SourceLocation | None = None) -> Any:
     """The engine Source for ``uri`` as ``tenant`` may read it (service/policy.py, checked again
     here: the job waited in a queue, and the policy may have changed); downloads go to
-    ``scratch`` one file at a time.
+    ``scratch`` one file at a time. ``location``: ``uri`` as parsed at submission (the job's
+    ``inputs``), checked again instead of parsed again.
 
     A checkpoint above ``settings.max_model_bytes`` (from the listing: nothing is downloaded)
     is refused here, so every path that converts (a job, a part, a merge) checks it."""
     policy = SourcePolicy(settings)
-    parsed = policy.check_source(uri, tenant)
+    location = policy.check_source(uri, tenant, location)
     scratch = Path(scratch)
-    if parsed[0] == "file":
-        source = _confined_local_source()(parsed[1], lambda real: _check_local_file("source", uri, tenant, real, policy))
+    if isinstance(location, FileLocation):
+        source = _confined_local_source()(location.path, lambda real: _check_local_file("source", uri, tenant, real, policy))
     else:
         scratch.mkdir(parents=True, exist_ok=True)
-        if parsed[0] == "s3":
-            source = S3Source(parsed[1], parsed[2], scratch, store=s3_store(settings, parsed[1]))
-        elif parsed[0] == "upload":
-            prefix = "/".join(filter(None, (upload_prefix(tenant, parsed[1]), parsed[2])))
+        if isinstance(location, S3Location):
+            source = S3Source(location.bucket, location.key, scratch, store=s3_store(settings, location.bucket))
+        elif isinstance(location, UploadLocation):
+            prefix = "/".join(filter(None, (upload_prefix(tenant, location.upload), location.path)))
             source = S3Source("", prefix, scratch, store=store_from_settings(settings), name=uri.rstrip("/"))
         else:
-            source = HubSource(parsed[1], parsed[2] or None, scratch, token=policy.hub_token(tenant))
+            source = HubSource(location.repo, location.revision or None, scratch, token=policy.hub_token(tenant))
     size = source.total_bytes()
     if size > settings.max_model_bytes:
         raise ModelTooLarge(
@@ -327,7 +328,13 @@ class HubSource:
 
 
 def fetch_calibration_data(
-    uri: str, settings: Settings, scratch: Path, *, tenant: str, store: ObjectStore | None = None
+    uri: str,
+    settings: Settings,
+    scratch: Path,
+    *,
+    tenant: str,
+    store: ObjectStore | None = None,
+    location: CalibrationLocation | None = None,
 ) -> Path:
     """The local path the engine reads ``uri``'s calibration text from.
 
@@ -337,9 +344,10 @@ def fetch_calibration_data(
     one object, or every .txt/.jsonl object under a prefix (relative names kept), downloaded
     into ``scratch``, which must not hold anything else. The total size is checked against
     ``settings.calibration_max_bytes`` before anything is read or downloaded. upload://: the
-    same as s3://, in the tenant's own uploads. ``tenant`` reads only what it may."""
+    same as s3://, in the tenant's own uploads. ``tenant`` reads only what it may. ``location``:
+    ``uri`` as parsed at submission, checked again instead of parsed again."""
     policy = SourcePolicy(settings)
-    location = policy.check_calibration(uri, tenant)
+    location = policy.check_calibration(uri, tenant, location)
     limit = settings.calibration_max_bytes
     if location.scheme == "file":
         # Copied, not read in place: each file is checked as it is opened, and the engine reads
@@ -354,7 +362,7 @@ def fetch_calibration_data(
         return scratch / files[0][0] if path.is_file() else scratch
     if location.scheme == "upload":
         area = upload_prefix(tenant, location.upload)
-        location = dataclasses.replace(location, key="/".join(filter(None, (area, location.key))))
+        location = location.model_copy(update={"key": "/".join(filter(None, (area, location.key)))})
         store = store or store_from_settings(settings)
     elif store is None:
         store = s3_store(settings, location.bucket)

@@ -100,8 +100,8 @@ def create_job(
     """Queue a conversion. Returns at once; poll the job or follow its events. Bad URIs and
     options that need calibration data without it are 422 here, not a failed job later,
     and so is a source or calibration text the tenant may not read (service/policy.py)."""
-    check_job_inputs(body, settings)
-    policy.check_inputs(body, tenant)
+    inputs = check_job_inputs(body, settings)
+    policy.check_inputs(body, inputs, tenant)
     uploads = UploadStore(store.client, store.prefix)
     require_complete(body.source, "source", tenant, uploads)
     require_complete(body.calibration_data, "calibration_data", tenant, uploads)
@@ -115,6 +115,7 @@ def create_job(
         prefix=tenant_prefix(tenant),
         idempotency_key=idempotency_key,
         admit=lambda: _check_limits(store, settings, tenant),
+        inputs=inputs,
     )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from service.errors import IdempotencyKeyReused, JobNotFound
+from service.locations import JobInputs
 from service.models import Job, JobCreate, JobState
 from service.store.records import Records, new_job_id
 
@@ -24,6 +25,7 @@ class Admission(Records):
         wait_seconds: float = 5.0,
         admit: Callable[[], None] | None = None,
         webhook_secret: str | None = None,
+        inputs: JobInputs | None = None,
     ) -> tuple[Job, bool]:
         """The job created for ``key`` by this tenant, or a new one: (job, created).
 
@@ -38,13 +40,13 @@ class Admission(Records):
         if admit is not None and self.client.get(claim) is None:
             admit()
         if self.client.set(claim, f"{job_id} {fingerprint}", nx=True, ex=self.retention_seconds):
-            return self.create(request, tenant=tenant, prefix=prefix, job_id=job_id, webhook_secret=webhook_secret), True
+            return self.create(request, tenant=tenant, prefix=prefix, job_id=job_id, webhook_secret=webhook_secret, inputs=inputs), True
         deadline = time.monotonic() + wait_seconds
         while True:
             raw = self.client.get(claim)
             if raw is None:  # released (its job could not be queued): claim it afresh
                 return self.create_idempotent(
-                    request, key, tenant=tenant, prefix=prefix, wait_seconds=wait_seconds, admit=admit, webhook_secret=webhook_secret
+                    request, key, tenant=tenant, prefix=prefix, wait_seconds=wait_seconds, admit=admit, webhook_secret=webhook_secret, inputs=inputs
                 )
             owner, owner_fingerprint = (raw.decode() if isinstance(raw, bytes) else raw).split(" ", 1)
             if owner_fingerprint != fingerprint:

@@ -116,7 +116,9 @@ class StoreBase:
 
     @staticmethod
     def _encode(job: Job) -> str:
-        return job.model_dump_json(exclude={"progress", "attempts", "webhook_secret"})
+        data = job.model_dump(mode="json", exclude={"progress", "attempts", "webhook_secret"})
+        data["inputs"] = job.inputs.model_dump(mode="json") if job.inputs is not None else None  # not in the API's view
+        return json.dumps(data)
 
     def _state_event(self, job: Job, error: ErrorInfo | None = None) -> dict[str, str]:
         data: dict = {"state": job.state.value}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import redis
 
 from service.errors import JobNotFound
+from service.locations import JobInputs
 from service.models import ErrorInfo, Job, JobCreate, JobPage, JobState, Progress
 from service.store.base import EVENTS_MAXLEN, StoreBase, now
 
@@ -102,6 +103,7 @@ class Records(StoreBase):
         output: str | None = None,
         job_id: str | None = None,
         webhook_secret: str | None = None,
+        inputs: JobInputs | None = None,
     ) -> Job:
         """A queued job of ``tenant``, its artifacts under ``prefix`` (the API passes the tenant's,
         ``tenants/<t>/``) followed by ``output``, the request's ``output`` or ``jobs/<id>/``.
@@ -110,7 +112,7 @@ class Records(StoreBase):
         out = prefix + (output or request.output or f"jobs/{job_id}/")
         if not out.endswith("/"):
             out += "/"
-        job = Job(id=job_id, state=JobState.queued, created_at=now(), request=request, output=out, tenant=tenant)
+        job = Job(id=job_id, state=JobState.queued, created_at=now(), request=request, output=out, tenant=tenant, inputs=inputs)
         fields = {"job": self._encode(job), "progress": job.progress.model_dump_json(), "attempts": 0}
         if webhook_secret is not None:
             fields["webhook_secret"] = webhook_secret

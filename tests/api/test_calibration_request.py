@@ -30,13 +30,13 @@ def roots(tmp_path: Path) -> Settings:
 
 
 def test_parse_accepts_objects_prefixes_and_files(roots: Settings, tmp_path: Path) -> None:
-    assert parse_calibration_uri("s3://datasets/wiki/train.txt", roots) == CalibrationLocation("s3", bucket="datasets", key="wiki/train.txt")
-    assert parse_calibration_uri("s3://datasets/c4.JSONL", roots) == CalibrationLocation("s3", bucket="datasets", key="c4.JSONL")
-    assert parse_calibration_uri("s3://datasets/wiki/", roots) == CalibrationLocation("s3", bucket="datasets", key="wiki", prefix=True)
-    assert parse_calibration_uri("s3://datasets/", roots) == CalibrationLocation("s3", bucket="datasets", key="", prefix=True)
-    assert parse_calibration_uri("s3://datasets", roots) == CalibrationLocation("s3", bucket="datasets", key="", prefix=True)
+    assert parse_calibration_uri("s3://datasets/wiki/train.txt", roots) == CalibrationLocation(scheme="s3", bucket="datasets", key="wiki/train.txt")
+    assert parse_calibration_uri("s3://datasets/c4.JSONL", roots) == CalibrationLocation(scheme="s3", bucket="datasets", key="c4.JSONL")
+    assert parse_calibration_uri("s3://datasets/wiki/", roots) == CalibrationLocation(scheme="s3", bucket="datasets", key="wiki", prefix=True)
+    assert parse_calibration_uri("s3://datasets/", roots) == CalibrationLocation(scheme="s3", bucket="datasets", key="", prefix=True)
+    assert parse_calibration_uri("s3://datasets", roots) == CalibrationLocation(scheme="s3", bucket="datasets", key="", prefix=True)
     real = os.path.realpath(tmp_path / "data" / "calib")
-    assert parse_calibration_uri(f"file://{tmp_path}/data/calib", roots) == CalibrationLocation("file", path=real)
+    assert parse_calibration_uri(f"file://{tmp_path}/data/calib", roots) == CalibrationLocation(scheme="file", path=real)
     assert parse_calibration_uri(f"file://{tmp_path}/data/calib/a%20b.txt", roots).path == f"{real}/a b.txt"
 
 

@@ -1,6 +1,6 @@
 """Webhooks (service/webhooks.py): the Standard Webhooks signature, the address policy, the hook
 that records deliveries and one delivery attempt, on a real Redis-compatible server and a real
-HTTP receiver on loopback (tests/integration/test_webhooks.py runs the whole service)."""
+HTTP receiver on loopback (tests/integration/test_webhook_deliveries.py runs the whole service)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ import pytest
 from api.errors import http_status
 from loftq.errors import LoftQError, SourceNotFound
 from service.errors import InvalidSource, ModelTooLarge
+from service.locations import FileLocation, HubLocation, S3Location
+from service.policy import SourceNotAllowed, SourcePolicy
 from service.settings import Settings
 from service.storage import LocalObjectStore, S3ObjectStore, StorageUnavailable
 from service.uris import parse_source_uri
@@ -44,17 +46,17 @@ def roots(tmp_path: Path) -> Settings:
 
 def test_parse_accepts_supported_uris(roots: Settings, tmp_path: Path) -> None:
     real = os.path.realpath(tmp_path / "models" / "bert")
-    assert parse_source_uri(f"file://{tmp_path}/models/bert", roots) == ("file", real)
-    assert parse_source_uri(f"file://{tmp_path}/models/bert/", roots) == ("file", real)
-    assert parse_source_uri(f"FILE://{tmp_path}/models", roots) == ("file", os.path.realpath(tmp_path / "models"))
+    assert parse_source_uri(f"file://{tmp_path}/models/bert", roots) == FileLocation(path=real)
+    assert parse_source_uri(f"file://{tmp_path}/models/bert/", roots) == FileLocation(path=real)
+    assert parse_source_uri(f"FILE://{tmp_path}/models", roots) == FileLocation(path=os.path.realpath(tmp_path / "models"))
     # Need not exist yet (the worker checks that when it opens it), but must be inside a root.
-    assert parse_source_uri(f"file://{tmp_path}/models/not%20yet", roots) == ("file", f"{os.path.realpath(tmp_path / 'models')}/not yet")
-    assert parse_source_uri("s3://my-bucket/models/bert", roots) == ("s3", "my-bucket", "models/bert")
-    assert parse_source_uri("s3://my-bucket/models/bert/", roots) == ("s3", "my-bucket", "models/bert")
-    assert parse_source_uri("s3://my.bucket-1", roots) == ("s3", "my.bucket-1", "")
-    assert parse_source_uri("hf://google-bert/bert-base-uncased", roots) == ("hf", "google-bert/bert-base-uncased", "")
-    assert parse_source_uri("hf://Org/Name_1.5@refs/pr/3", roots) == ("hf", "Org/Name_1.5", "refs/pr/3")
-    assert parse_source_uri("hf://org/name@0123abcd", roots) == ("hf", "org/name", "0123abcd")
+    assert parse_source_uri(f"file://{tmp_path}/models/not%20yet", roots) == FileLocation(path=f"{os.path.realpath(tmp_path / 'models')}/not yet")
+    assert parse_source_uri("s3://my-bucket/models/bert", roots) == S3Location(bucket="my-bucket", key="models/bert")
+    assert parse_source_uri("s3://my-bucket/models/bert/", roots) == S3Location(bucket="my-bucket", key="models/bert")
+    assert parse_source_uri("s3://my.bucket-1", roots) == S3Location(bucket="my.bucket-1", key="")
+    assert parse_source_uri("hf://google-bert/bert-base-uncased", roots) == HubLocation(repo="google-bert/bert-base-uncased")
+    assert parse_source_uri("hf://Org/Name_1.5@refs/pr/3", roots) == HubLocation(repo="Org/Name_1.5", revision="refs/pr/3")
+    assert parse_source_uri("hf://org/name@0123abcd", roots) == HubLocation(repo="org/name", revision="0123abcd")
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,7 @@ def test_parse_file_follows_symlinks(roots: Settings, tmp_path: Path) -> None:
     # A symlink from outside into a root is fine: the real path counts.
     inward = tmp_path / "elsewhere" / "in"
     inward.symlink_to(tmp_path / "models" / "bert")
-    assert parse_source_uri(f"file://{inward}", roots) == ("file", os.path.realpath(tmp_path / "models" / "bert"))
+    assert parse_source_uri(f"file://{inward}", roots) == FileLocation(path=os.path.realpath(tmp_path / "models" / "bert"))
 
 
 def test_open_source_file_refuses_symlinked_files_leaving_the_roots(roots: Settings, tmp_path: Path) -> None:
@@ -415,3 +417,23 @@ def test_engine_resumes_through_the_object_store(s3_env: str, bert_checkpoints: 
     assert {e["path"] for e in manifest["files"]} >= {*shards, "model.safetensors.index.json"}
     assert store.list("out/.loftq-partial/") == []
     assert _files_under(scratch) == []
+
+
+def test_a_location_parsed_at_submission_is_checked_again_not_trusted(tmp_path: Path) -> None:
+    """The job carries its source as parsed at POST; the worker resolves a file path again, so a
+    directory swapped for a link to elsewhere meanwhile is refused, and grants are checked anew."""
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    (models / "bert").mkdir(parents=True)
+    elsewhere.mkdir()
+    settings = Settings(allowed_file_roots=[models])
+    parsed = parse_source_uri(f"file://{models}/bert", settings)
+    policy = SourcePolicy(settings)
+    assert policy.check_source(f"file://{models}/bert", "default", parsed) == parsed
+    (models / "bert").rmdir()
+    (models / "bert").symlink_to(elsewhere)
+    with pytest.raises(InvalidSource, match="outside the allowed file roots"):
+        policy.check_source(f"file://{models}/bert", "default", parsed)
+    hub = HubLocation(repo="org/model")
+    narrowed = SourcePolicy(Settings(tenant_sources={"default": ["hf://other-org/"]}))
+    with pytest.raises(SourceNotAllowed):
+        narrowed.check_source("hf://org/model", "default", hub)
