@@ -57,12 +57,22 @@ class Destination(Protocol):
         """Delete a published file or directory if present."""
 
 
-def safe_relative(name: str) -> str:
-    """Refuse names that would escape the checkpoint directory."""
+def canonical_relative(name: str) -> str:
+    """``name`` unchanged if it is a canonical relative POSIX path ("a/b.json"): not empty, no
+    NUL, not absolute, no "..", and spelled as its normal form; UnsafePath otherwise. The one
+    check behind every name the service reads or writes (object keys, listed files)."""
     path = PurePosixPath(name)
-    if "\x00" in name or path.is_absolute() or ".." in path.parts or not path.parts:
+    if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) != name or name == ".":
         raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
-    return str(path)
+    return name
+
+
+def safe_relative(name: str) -> str:
+    """Refuse names that would escape the checkpoint directory. Names from a checkpoint's own
+    files ("./model.safetensors", "a//b") are normalised first, then held to ``canonical_relative``."""
+    if "\x00" in name:
+        raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
+    return canonical_relative(str(PurePosixPath(name)))
 
 
 class LocalSource:

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loftq.errors import LoftQError, SourceNotFound, UnsafePath
-from loftq.storage import MANIFEST_NAME
+from loftq.storage import MANIFEST_NAME, canonical_relative
 from service.errors import CalibrationDataNotFound, CalibrationDataTooLarge, InvalidCalibrationSource, ModelTooLarge
 from service.locations import CalibrationLocation, FileLocation, S3Location, SourceLocation, UploadLocation
 from service.policy import SourcePolicy, upload_prefix
@@ -149,11 +149,9 @@ def _confined_local_source() -> type:
 
 
 def _checkpoint_name(name: str) -> str:
-    """Refuse object names that would escape the checkpoint, like loftq.storage.safe_relative,
+    """Refuse object names that would escape the checkpoint (loftq.storage.canonical_relative)
     or that carry format characters (a bidi override would disguise the name in logs)."""
-    path = PurePosixPath(name)
-    if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) != name:
-        raise UnsafePath(f"unsafe file name {name!r} in checkpoint")
+    canonical_relative(name)
     character = unsafe_character(name)
     if character is not None:
         raise UnsafePath(f"file name {name!r} in checkpoint contains {character}")

@@ -11,10 +11,11 @@ spellings instead of normalising them, because S3 treats them as other keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from loftq.errors import LoftQError
+from loftq.errors import LoftQError, UnsafePath
+from loftq.storage import canonical_relative
 from service.errors import ServiceError
 
 COPY_CHUNK = 8 << 20
@@ -72,12 +73,12 @@ def safe_key(key: str) -> str:
     Non-canonical spellings ("a//b", "./a", "a/") are refused rather than normalised: on S3
     they name different objects than their normal form, so accepting them would make the
     backends disagree."""
-    if not isinstance(key, str) or not key or "\x00" in key or "\\" in key:
+    if not isinstance(key, str) or "\\" in key:
         raise UnsafeKey(f"unsafe storage key {key!r}")
-    path = PurePosixPath(key)
-    if path.is_absolute() or ".." in path.parts or str(path) != key or key == ".":
-        raise UnsafeKey(f"unsafe storage key {key!r}")
-    return key
+    try:
+        return canonical_relative(key)
+    except UnsafePath:
+        raise UnsafeKey(f"unsafe storage key {key!r}") from None
 
 
 def safe_prefix(prefix: str, *, allow_empty: bool = True) -> str:
