@@ -173,11 +173,19 @@ def _valid(case, location: str) -> bool:
 def _real_job(case, jobs: dict) -> None:
     """Swap the generated job id for a real one in most cases (chosen from the generated
     value, so the run stays deterministic). A queued job's event stream never ends, so the
-    stream gets finished jobs only."""
+    stream gets finished jobs only; a DELETE gets a job made for it (the others must outlive
+    it), queued or cancelled."""
     params = case.path_parameters or {}
     if "job_id" not in params or not _valid(case, "path"):
         return
     pick = int(hashlib.sha256(str(params["job_id"]).encode()).hexdigest(), 16)
+    if case.method.upper() == "DELETE":
+        if pick % 3:
+            made = httpx.post(f"{jobs['base']}/v1/jobs", json=BODY, headers=jobs["headers"], timeout=30).json()["id"]
+            if pick % 3 == 2:
+                httpx.post(f"{jobs['base']}/v1/jobs/{made}/cancel", headers=jobs["headers"], timeout=30)
+            params["job_id"] = made
+        return
     if case.path.endswith("/stream"):
         options = (jobs["cancelled"], jobs["succeeded"], params["job_id"])
     elif case.path.endswith("/artifacts/files/{path}"):
