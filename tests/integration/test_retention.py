@@ -1,5 +1,5 @@
 """Retention against the real service: finished jobs expire after LOFTQ_JOB_RETENTION_SECONDS
-(5 s here) with their artifacts, which the API's sweeper removes; nothing of another tenant, and
+(3 s here) with their artifacts, which the API's sweeper removes; nothing of another tenant, and
 nothing that belongs to no expired job, is touched (Redis-compatible server, moto's S3 server,
 uvicorn with two API keys, a Celery worker)."""
 
@@ -18,7 +18,7 @@ from service.tenants import hash_key
 
 BUCKET = "retention-artifacts"
 KEY_A, KEY_B = "lq_retention-a", "lq_retention-b"
-RETENTION = 5
+RETENTION = 3
 
 
 @pytest.fixture(scope="module")

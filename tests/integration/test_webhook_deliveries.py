@@ -37,7 +37,7 @@ QUEUE = "loftq-webhooks-test"
 TENANT_SECRET = "whsec_" + base64.b64encode(b"the tenant's own signing key!!").decode()
 SLOW = {"rank": 8, "iters": 2, "svd": "exact"}  # seconds per shard: a job that can be caught running
 QUICK = {"rank": 4, "iters": 1}
-RETRIES = [0.5, 1.5]
+RETRIES = [0.2, 0.5]
 
 
 class Stack:
