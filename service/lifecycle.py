@@ -25,6 +25,8 @@ from service.errors import InvalidTransition
 from service.locations import JobInputs
 from service.models import TRANSITIONS, ErrorInfo, Job, JobCreate, JobState, JobSummary, Progress
 from service.store import JobStore, NotLeaseHolder
+from service.store.base import now
+from service.store.records import DELETE_FIELD
 
 if TYPE_CHECKING:
     from service.queue import JobQueue
@@ -37,16 +39,11 @@ Hook = Callable[[str, Job], None]
 """Called with the event ("job.started", "job.progress", "job.succeeded", "job.failed",
 "job.cancelled") and the job as it is after the change."""
 
-_DELETE = "delete"  # job hash field: remove the job once it has ended (DELETE of a running job)
-
-
 def _event(job: Job) -> str:
     return f"job.{job.state.value}"
 
 
 def _moved(job: Job, to: JobState, error: ErrorInfo | None = None, summary: JobSummary | None = None) -> Job:
-    from service.store.base import now
-
     update: dict = {"state": to}
     if to == JobState.running and job.started_at is None:
         update["started_at"] = now()
@@ -167,7 +164,7 @@ class Lifecycle:
     def cancel(self, job_id: str, *, delete: bool = False) -> Job:
         """Idempotent: a queued job is cancelled at once; a running one becomes cancelling and its
         worker sees ``cancel_requested``; a cancelling or finished job is returned unchanged.
-        ``delete``: remove the job once it has ended (see ``delete``)."""
+        ``delete``: remove the job once it has ended (service/deletion.py)."""
 
         ended = False
 
@@ -179,7 +176,7 @@ class Lifecycle:
             elif job.state == JobState.running:
                 moved = _moved(job, JobState.cancelling)
             ended = moved is not None and moved.state.finished  # decided on the record the write is checked against
-            return moved, None, {"cancel": "1", **({_DELETE: "1"} if delete else {})}
+            return moved, None, {"cancel": "1", **({DELETE_FIELD: "1"} if delete else {})}
 
         job = self.store.change_state(job_id, decide)
         if ended:
@@ -208,7 +205,7 @@ def service_lifecycle(store: JobStore, settings: Settings, *, queue: JobQueue, a
     it needs, so it is still sent if the next hook removes the job), then the removal of a job
     deleted while it ran."""
     from service.deletion import RemoveWhenEnded
-    from service.webhooks import WebhookHook
+    from service.webhooks import WebhookHook, retry_window
 
-    keep = int(sum(settings.webhook_retry_seconds)) + 3600
-    return Lifecycle(store, [WebhookHook(store, settings, queue.send_webhook), RemoveWhenEnded(store, artifacts, keep)])
+    hooks = [WebhookHook(store, settings, queue.send_webhook), RemoveWhenEnded(store, artifacts, retry_window(settings))]
+    return Lifecycle(store, hooks)

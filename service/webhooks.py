@@ -59,6 +59,12 @@ class WebhookNotAllowed(ServiceError):
     code = "webhook_not_allowed"
 
 
+def retry_window(settings: Settings) -> int:
+    """Seconds a delivery may still be retried after its first attempt (with a margin): how long
+    a deleted job's deliveries are kept."""
+    return int(sum(settings.webhook_retry_seconds)) + 3600
+
+
 def new_secret() -> str:
     """A signing secret in the Standard Webhooks form: ``whsec_`` + base64 of 24 random bytes."""
     return _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()

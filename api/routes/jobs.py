@@ -32,7 +32,7 @@ from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.text import unsafe_message
 from service.uploads import UploadIncomplete, UploadStore, require_complete
 from service.uris import check_job_inputs
-from service.webhooks import WebhookNotAllowed
+from service.webhooks import WebhookNotAllowed, retry_window
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_CURSOR = r"^\d+-\d+$"  # a Redis stream id
@@ -214,8 +214,7 @@ def delete_job(
     at once (204); a running one is cancelled first and removed when its worker has stopped
     (202 with the cancelling job). Deleting again, or a job already gone, is 404."""
     job = store.get(job_id, tenant=tenant)
-    keep = int(sum(settings.webhook_retry_seconds)) + 3600  # deliveries still due are sent
-    stopping = deletion.delete_job(lifecycle, artifacts, job, keep_deliveries_seconds=keep)
+    stopping = deletion.delete_job(lifecycle, artifacts, job, keep_deliveries_seconds=retry_window(settings))
     if stopping is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return Response(stopping.model_dump_json(), status_code=status.HTTP_202_ACCEPTED, media_type="application/json")

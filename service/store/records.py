@@ -16,6 +16,7 @@ from service.models import ErrorInfo, Job, JobCreate, JobPage, JobState, Progres
 from service.store.base import EVENTS_MAXLEN, StoreBase, now
 
 _MAX_RETRIES = 100
+DELETE_FIELD = "delete"  # job hash field set by DELETE of a running job: remove it once it has ended
 # Field writes on a job that must not resurrect an expired or unknown job as a partial hash.
 _HSET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -298,7 +299,7 @@ class Records(StoreBase):
 
     def delete_requested(self, job_id: str) -> bool:
         """Whether DELETE asked for the job to be removed once it has ended."""
-        return self.client.hget(self._job_key(job_id), "delete") == "1"
+        return self.client.hget(self._job_key(job_id), DELETE_FIELD) == "1"
 
     def expired_outputs(self, *, limit: int = 100) -> builtins.list[tuple[str, str, str] | tuple[str, None, None]]:
         """(job id, tenant, output prefix) of finished jobs whose retention has run out: their
