@@ -216,14 +216,15 @@ def test_hub_repositories_must_be_granted(stack: dict) -> None:
 def test_deleting_a_job_removes_its_artifacts_and_record_and_nothing_of_another_tenant(stack: dict, team_a_data: dict) -> None:
     a, b, s3 = stack["a"], stack["b"], stack["s3"]
     upload_models(s3, "b-models", {"bert": stack["model"]})
-    mine = _finished(a, a.create_job("s3://a-models/private-bert/", rank=8).id)
+    mine = team_a_data["job"]  # the last test here: A's job may go
     theirs = _finished(b, b.create_job("s3://b-models/bert/", rank=8).id)
     assert mine.state == theirs.state == "succeeded"
 
     def keys(prefix: str) -> list[str]:
         return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
 
-    before = {job.id: keys(job.output) for job in (mine, theirs, team_a_data["job"])}
+    upload_area = f"tenants/team-a/inputs/{team_a_data['upload'].id}/"
+    before = {job.id: keys(job.output) for job in (mine, theirs)} | {"upload": keys(upload_area)}
     assert all(before.values())
     assert b._http.delete(f"/v1/jobs/{mine.id}").status_code == 404  # B cannot delete A's job
     assert keys(mine.output) == before[mine.id] and a.get_job(mine.id).state == "succeeded"
@@ -236,13 +237,12 @@ def test_deleting_a_job_removes_its_artifacts_and_record_and_nothing_of_another_
     assert a._http.delete(f"/v1/jobs/{mine.id}").status_code == 404
     assert mine.id not in [job.id for job in a.list_jobs(limit=100).jobs]
     assert keys(theirs.output) == before[theirs.id] and b.get_job(theirs.id).state == "succeeded"
-    assert keys(team_a_data["job"].output) == before[team_a_data["job"].id]
-    assert a.get_upload(team_a_data["upload"].id).state == "complete", "the tenant's uploads stay"
+    assert keys(upload_area) == before["upload"] and a.get_upload(team_a_data["upload"].id).state == "complete", "its uploads stay"
 
     # A record naming another tenant's artifacts (written by other means) loses its record only.
     store = JobStore.from_url(stack["redis"])
-    forged = store.create(JobCreate(source="s3://b-models/bert/"), tenant="team-b", output=team_a_data["job"].output)
+    forged = store.create(JobCreate(source="s3://b-models/bert/"), tenant="team-b", output=upload_area)
     Lifecycle(store).cancel(forged.id)  # never queued: ended at once
     assert b._http.delete(f"/v1/jobs/{forged.id}").status_code == 204
-    assert keys(team_a_data["job"].output) == before[team_a_data["job"].id], "A's artifacts are untouched"
+    assert keys(upload_area) == before["upload"], "A's files are untouched"
 
