@@ -10,7 +10,15 @@ job API, for one) without importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# OpenMP threads that wait for work sleep instead of spinning. Beside other busy processes a
+# spinning thread holds a core the thread it waits for needs: a conversion ran 8.7× slower beside
+# one torch process and 28× beside two, and alone just as fast either way (bench/contention.py).
+# The OpenMP runtime reads it once, when torch loads it, so it is set here, which every engine
+# import passes through first; a value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "CalibrationOptions": "loftq.options",
