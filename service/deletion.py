@@ -62,5 +62,7 @@ def delete_job(lifecycle: Lifecycle, artifacts: ObjectStore, job: Job, *, keep_d
         job = lifecycle.cancel(job.id, delete=True)
         if not job.state.finished:
             return job
+        if not lifecycle.store.exists(job.id):
+            return None  # the cancel ended it, and the removal hook took it with its end
     remove_job(lifecycle.store, artifacts, job, keep_deliveries_seconds=keep_deliveries_seconds)
     return None

@@ -159,7 +159,6 @@ class Lifecycle:
                 if attempt == 4:
                     raise
                 time.sleep(2**attempt)
-        return None
 
     def cancel(self, job_id: str, *, delete: bool = False) -> Job:
         """Idempotent: a queued job is cancelled at once; a running one becomes cancelling and its

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import redis
 from celery import Celery
 
+from service.webhooks import WEBHOOK_TASK
+
 if TYPE_CHECKING:
     from service.settings import Settings
 
@@ -42,8 +44,6 @@ class JobQueue:
 
     def send_webhook(self, job_id: str, delivery_id: str) -> None:
         """A webhook delivery, on its own queue: webhook workers never wait behind conversions."""
-        from service.webhooks import WEBHOOK_TASK
-
         self.celery.send_task(WEBHOOK_TASK, args=[job_id, delivery_id], queue=self.webhook_queue)
 
     def depth(self) -> int:

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.models import DEFAULT_WEBHOOK_EVENTS, WebhookEvent
 from service.tenants import parse_api_keys
+from service.webhooks import check_secret, check_webhook_url
 
 
 class TenantWebhook(BaseModel):
@@ -23,6 +24,17 @@ class TenantWebhook(BaseModel):
     url: str
     secret: SecretStr = Field(description="Signs the deliveries (Standard Webhooks: whsec_ and base64 key bytes).")
     events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_webhook_url(value)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        check_secret(value.get_secret_value())  # a bad one would fail every delivery, not the start
+        return value
 
 
 class Settings(BaseSettings):

@@ -70,6 +70,17 @@ def new_secret() -> str:
     return _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
+def check_secret(secret: str) -> str:
+    """A signing secret ``sign`` can use (``whsec_`` + base64 key bytes); ValueError otherwise."""
+    try:
+        key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX), validate=True)
+    except ValueError:
+        key = b""
+    if not key:
+        raise ValueError("a webhook secret is whsec_ followed by base64 key bytes")
+    return secret
+
+
 def sign(secret: str, delivery_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` header value for one attempt."""
     key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX))
@@ -110,18 +121,17 @@ def check_submission(url: str, settings: Settings) -> None:
     (a name is resolved before each delivery instead: what it resolves to now proves nothing)."""
     host = urlsplit(url).hostname or ""
     if host == "localhost" or host.endswith(".localhost"):
-        addresses = [ipaddress.ip_address("127.0.0.1")]
+        address = ipaddress.ip_address("127.0.0.1")
     else:
         try:
-            addresses = [ipaddress.ip_address(host)]
+            address = ipaddress.ip_address(host)
         except ValueError:
             return
-    for address in addresses:
-        if not _allowed(address, settings.webhook_allowed_networks):
-            raise WebhookNotAllowed(
-                f"webhook_url: {host} is not a public address; the operator allows only public ones "
-                "and LOFTQ_WEBHOOK_ALLOWED_NETWORKS"
-            )
+    if not _allowed(address, settings.webhook_allowed_networks):
+        raise WebhookNotAllowed(
+            f"webhook_url: {host} is not a public address; the operator allows only public ones "
+            "and LOFTQ_WEBHOOK_ALLOWED_NETWORKS"
+        )
 
 
 def resolve_allowed(host: str, port: int, networks: list[str]) -> str:

@@ -17,21 +17,16 @@ from celery import Celery
 from service.settings import get_settings
 from service.store import JobStore
 from service.webhooks import WEBHOOK_TASK, deliver_once
+from worker.celery_app import SHARED_CONF
 
 settings = get_settings()
 celery_app = Celery("loftq-webhooks", broker=settings.redis_url)
 celery_app.conf.update(
+    SHARED_CONF,
     task_default_queue=settings.webhook_queue,
-    task_serializer="json",
-    accept_content=["json"],
-    task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,
     # Above the longest retry wait: a retry is a message with an ETA, held unacknowledged.
     broker_transport_options={"visibility_timeout": int(max(settings.webhook_retry_seconds, default=0)) + 3600},
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
 )
 _store: JobStore | None = None
 

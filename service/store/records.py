@@ -134,6 +134,9 @@ class Records(StoreBase):
             self._index_key(state=state, tenant=tenant),
         ]
 
+    def exists(self, job_id: str) -> bool:
+        return bool(self.client.exists(self._job_key(job_id)))
+
     def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         """``tenant`` given: another tenant's job is reported as missing, not as forbidden."""
         job = self._decode(self.client.hgetall(self._job_key(job_id)))

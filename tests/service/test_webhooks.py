@@ -171,3 +171,17 @@ def test_a_deleted_job_s_pending_deliveries_are_kept_to_be_sent(store: JobStore,
     assert deliver_once(store, _settings(), job.id, delivery.id) is None
     assert [json.loads(s["body"])["type"] for s in _Receiver.seen] == ["job.cancelled"]
     assert 0 < store.client.ttl(store._deliveries_key(job.id)) <= 60
+
+
+@pytest.mark.parametrize(
+    ("hook", "problem"),
+    [
+        ({"url": "ftp://hooks.example/x", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}, "http:// or https://"),
+        ({"url": "https://hooks.example/x", "secret": "whsec_not base64!"}, "base64 key bytes"),
+        ({"url": "https://hooks.example/x", "secret": "whsec_"}, "base64 key bytes"),
+    ],
+)
+def test_a_tenant_webhook_the_service_could_not_use_stops_the_start(hook: dict, problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem) as refused:
+        Settings(_env_file=None, tenant_webhooks={"team-a": hook})
+    assert "not base64!" not in str(refused.value), "the secret stays out of the message"
